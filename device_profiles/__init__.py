@@ -1,0 +1,1 @@
+"""Device profiles shipped as package data, one TOML file per device."""

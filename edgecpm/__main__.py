@@ -1,0 +1,3 @@
+from edgecpm.cli import main
+
+main()

@@ -1,0 +1,108 @@
+"""Hugging Face checkpoint directories: config.json + safetensors (single or sharded) or pytorch .bin."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgecpm.arch.base import get_architecture
+from edgecpm.arch.fields import ConfigFields
+from edgecpm.checkpoint.base import Checkpoint, TensorRef, select_tensors
+from edgecpm.checkpoint.safetensors_file import read_safetensors
+from edgecpm.checkpoint.tokenizer import has_chat_template, read_hf_tokenizer
+from edgecpm.errors import CheckpointError, UnsupportedError
+
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+def read_json(path: Path) -> Any:
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"file is larger than {MAX_JSON_BYTES >> 20} MiB", path=path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError("file is not UTF-8 text", path=path) from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", path=path) from None
+
+
+def open_hf_directory(directory: Path) -> Checkpoint:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError("not a checkpoint directory: config.json is missing", path=directory)
+    fields = ConfigFields(read_json(config_path), config_path)
+    model_type = fields.str("model_type")
+    architecture = get_architecture(model_type, source=config_path)
+    quantization = fields.raw.get("quantization_config")
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise UnsupportedError(f"pre-quantized checkpoints ({method!r:.20}) are not supported yet", path=config_path, field="quantization_config")
+
+    tensors, files = _read_weights(directory)
+    config = architecture.parse_config(fields, frozenset(tensors))
+    selected = select_tensors(architecture, config, tensors, directory)
+    generation_path = directory / "generation_config.json"
+    generation = read_json(generation_path) if generation_path.is_file() else {}
+    return Checkpoint(
+        path=directory,
+        format="hf",
+        architecture=architecture,
+        config=config,
+        tensors=selected,
+        files=[config_path, *files],
+        load_tokenizer=lambda: read_hf_tokenizer(directory),
+        has_tokenizer=any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")),
+        has_chat_template=has_chat_template(directory),
+        generation=generation if isinstance(generation, dict) else {},
+    )
+
+
+def _read_weights(directory: Path) -> tuple[dict[str, TensorRef], list[Path]]:
+    for index_name, reader in (("model.safetensors.index.json", read_safetensors), ("pytorch_model.bin.index.json", _read_torch_bin)):
+        index_path = directory / index_name
+        if index_path.is_file():
+            return _read_sharded(index_path, reader)
+    for single_name, reader in (("model.safetensors", read_safetensors), ("pytorch_model.bin", _read_torch_bin)):
+        path = directory / single_name
+        if path.is_file():
+            return reader(path), [path]
+    raise CheckpointError("no weights found (model.safetensors, a sharded index or pytorch_model.bin)", path=directory)
+
+
+def _read_sharded(index_path: Path, reader) -> tuple[dict[str, TensorRef], list[Path]]:
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError("weight_map is missing or not an object", path=index_path, field="weight_map")
+    tensors: dict[str, TensorRef] = {}
+    shards = []
+    for shard_name in sorted(set(weight_map.values())):
+        shard = (index_path.parent / str(shard_name)).resolve()
+        if shard.parent != index_path.parent.resolve() or not shard.is_file():
+            raise CheckpointError(f"shard {shard_name!r:.80} is missing or outside the checkpoint directory", path=index_path, field="weight_map")
+        shards.append(shard)
+        tensors |= reader(shard)
+    for name, shard_name in weight_map.items():
+        if name not in tensors:
+            raise CheckpointError(f"index lists it in {shard_name} but the shard does not contain it", path=index_path, field=name)
+    return tensors, [index_path, *shards]
+
+
+def _read_torch_bin(path: Path) -> dict[str, TensorRef]:
+    """Legacy pickled weights: only through torch's weights_only unpickler, memory-mapped."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # the unpickler raises many types for hostile or corrupt files
+        raise CheckpointError(f"cannot load with weights_only=True: {str(exc).splitlines()[0][:200]}", path=path) from None
+    if not isinstance(state, dict):
+        raise CheckpointError("file does not hold a state dict", path=path)
+    refs = {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError("entry is not a tensor", path=path, field=str(name))
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        refs[name] = TensorRef(name, tuple(tensor.shape), dtype, path, lambda t=tensor: t.float().numpy())
+    return refs

@@ -1,0 +1,1 @@
+"""Exporters (imported as `edgecpm.exporters`): the ONNX graph builder, later the TensorRT engine builder."""
