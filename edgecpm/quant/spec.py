@@ -1,0 +1,100 @@
+"""QuantSpec: what to quantize and how, as data recorded in the bundle manifest.
+
+Nothing about quantization is ever inferred from file names: a bundle's `quantization` entry is this
+spec plus the measured quality (perplexity, KL divergence) of the export.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from edgecpm.errors import UnsupportedError
+
+SCHEMES = ("none", "int8", "int4", "ternary")
+METHODS = ("rtn", "awq", "gptq", "lossless")
+BITS = {"none": 16, "int8": 8, "int4": 4, "ternary": 2}
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+FLAVOURS = ("ort", "standard")
+
+# 2-D weights of the decoder layers; embeddings and lm_head are chosen separately (see `embeddings`, `lm_head`).
+LAYER_WEIGHTS = "model.layers.*.weight"
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """How one tensor is stored: scheme, block size along the input dimension, symmetric or not."""
+
+    scheme: str
+    block_size: int = 32
+    symmetric: bool = True
+
+    @property
+    def bits(self) -> int:
+        return BITS[self.scheme]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    scheme: str = "none"
+    method: str = "rtn"
+    block_size: int = 32
+    symmetric: bool = True
+    # lm_head and the embedding table are a large share of the bytes read per token on small models;
+    # int8 keeps them close to lossless at half the fp16 size.
+    lm_head: str = "int8"
+    embeddings: str = "int8"
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    def validate(self, flavour: str) -> QuantSpec:
+        """Raises a clear error for combinations a flavour cannot represent, before anything is written."""
+        if self.scheme not in SCHEMES:
+            raise UnsupportedError(f"unknown scheme {self.scheme!r} (choose from {', '.join(SCHEMES)})", field="--quant")
+        if self.method not in METHODS:
+            raise UnsupportedError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})", field="--method")
+        if self.block_size not in BLOCK_SIZES:
+            raise UnsupportedError(f"block size {self.block_size} is not one of {BLOCK_SIZES}", field="--block-size")
+        for name, scheme in {"--lm-head": self.lm_head, "--embeddings": self.embeddings, **self.overrides}.items():
+            if scheme not in SCHEMES:
+                raise UnsupportedError(f"unknown scheme {scheme!r}", field=name)
+        if flavour == "standard":
+            if self.scheme == "int4" and not self.symmetric:
+                raise UnsupportedError("asymmetric int4 cannot be expressed for the standard flavour (TensorRT takes "
+                                       "symmetric blocked INT4 DequantizeLinear); use --symmetric or --flavour ort", field="--asymmetric")
+            if self.scheme == "ternary":
+                raise UnsupportedError("ternary weights need MatMulNBits (bits=2): use --flavour ort", field="--quant")
+        return self
+
+    def for_tensor(self, name: str) -> TensorQuant | None:
+        """The storage of one weight, or None for tensors kept in the export precision (norms, biases)."""
+        for pattern, scheme in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return self._tensor_quant(scheme)
+        if name == "lm_head.weight":
+            return self._tensor_quant(self.lm_head)
+        if name == "model.embed_tokens.weight":
+            return self._tensor_quant(self.embeddings)
+        if fnmatch.fnmatchcase(name, LAYER_WEIGHTS) and "norm" not in name:
+            return self._tensor_quant(self.scheme)
+        return None
+
+    def _tensor_quant(self, scheme: str) -> TensorQuant | None:
+        if scheme == "none" or self.scheme == "none":
+            return None
+        symmetric = self.symmetric if scheme == self.scheme else True
+        return TensorQuant(scheme, self.block_size, symmetric)
+
+    @property
+    def enabled(self) -> bool:
+        return self.scheme != "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def with_method(self, method: str) -> QuantSpec:
+        return replace(self, method=method)

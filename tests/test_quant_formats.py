@@ -1,0 +1,242 @@
+"""Every packed format against its numpy reference, and onnxruntime reading it bit for bit."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgecpm.errors import CheckpointError, UnsupportedError
+from edgecpm.quant.formats import (
+    default_zero_point,
+    dequantize_linear_reference,
+    pack_int4_bytes,
+    pack_matmul_nbits,
+    quantize_rtn,
+    quantize_ternary,
+    to_dequantize_linear,
+    unpack_matmul_nbits,
+)
+from edgecpm.quant.gptq import convert_gptq, dequantize_gptq
+from edgecpm.quant.spec import QuantSpec
+from edgecpm.quant.ternary import detect_ternary, pack_ternary_exact
+
+ONNX_FLOAT = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+
+
+def _session(nodes, inputs, outputs, initializers) -> ort.InferenceSession:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def matmul_nbits_weight(quantized, dtype=np.float32) -> np.ndarray:
+    """Runs MatMulNBits on an identity matrix: the output is exactly the kernel's dequantized W^T."""
+    packed = pack_matmul_nbits(quantized)
+    k, n = packed.in_features, packed.out_features
+    inits = [numpy_helper.from_array(packed.packed, "B"), numpy_helper.from_array(packed.scales.astype(dtype), "S")]
+    names = ["A", "B", "S"]
+    if packed.zero_points is not None:
+        inits.append(numpy_helper.from_array(packed.zero_points, "Z"))
+        names.append("Z")
+    node = helper.make_node("MatMulNBits", names, ["Y"], domain="com.microsoft", K=k, N=n, bits=packed.bits,
+                            block_size=packed.block_size, accuracy_level=0)
+    session = _session([node], [helper.make_tensor_value_info("A", ONNX_FLOAT[dtype], [None, k])],
+                       [helper.make_tensor_value_info("Y", ONNX_FLOAT[dtype], [None, n])], inits)
+    return session.run(None, {"A": np.eye(k, dtype=dtype)})[0]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matmul_nbits_reads_reference_packing_bit_exactly(bits, block_size, symmetric):
+    weight = np.random.default_rng(bits * 1000 + block_size).standard_normal((40, 256)).astype(np.float32)
+    quantized = quantize_rtn(weight, bits, block_size, symmetric=symmetric)
+    assert np.array_equal(matmul_nbits_weight(quantized), quantized.dequantize().T)
+    roundtrip = unpack_matmul_nbits(pack_matmul_nbits(quantized))
+    assert np.array_equal(roundtrip.codes, quantized.codes)
+    assert np.array_equal(roundtrip.zero_points, quantized.zero_points)
+    assert np.array_equal(roundtrip.scales, quantized.scales)
+
+
+def test_matmul_nbits_fp16_scales_and_unaligned_k():
+    weight = np.random.default_rng(7).standard_normal((24, 200)).astype(np.float32)  # 200 is not a multiple of 32
+    quantized = quantize_rtn(weight, 4, 32, scale_dtype=np.float16)
+    assert quantized.scales.dtype == np.float16
+    assert np.array_equal(matmul_nbits_weight(quantized, np.float16), quantized.dequantize().T)
+
+
+def test_rtn_error_bounds():
+    weight = np.random.default_rng(3).standard_normal((16, 128)).astype(np.float32)
+    # Asymmetric blocks cover [min, max]: every weight rounds to within half a step.
+    asymmetric = quantize_rtn(weight, 4, 32, symmetric=False)
+    step = np.repeat(asymmetric.scales, 32, axis=1)
+    assert np.all(np.abs(asymmetric.dequantize() - weight) <= step / 2 + 1e-6)
+    # Symmetric (Q4_0 rule): the extreme maps exactly to code 0; the opposite side clips at +7 steps.
+    symmetric = quantize_rtn(weight, 4, 32, symmetric=True)
+    step = np.repeat(np.abs(symmetric.scales), 32, axis=1)
+    error = np.abs(symmetric.dequantize() - weight)
+    assert np.all(error <= step + 1e-6)
+    blocks = np.abs(weight.reshape(16, 4, 32))
+    extremes = np.take_along_axis(symmetric.dequantize().reshape(16, 4, 32), blocks.argmax(-1)[..., None], -1)
+    assert np.allclose(np.abs(extremes[..., 0]), blocks.max(-1), rtol=1e-6)
+
+
+def test_ternary_rtn_uses_only_three_levels_with_zero_point_two():
+    quantized = quantize_ternary(np.random.default_rng(0).standard_normal((8, 64)), 32)
+    assert set(np.unique(quantized.codes)) <= {1, 2, 3}
+    assert np.array_equal(matmul_nbits_weight(quantized), quantized.dequantize().T)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("block_size", [16, 32, 128])
+def test_blocked_dequantize_linear_reads_reference_bit_exactly(bits, block_size):
+    weight = np.random.default_rng(bits + block_size).standard_normal((48, 256)).astype(np.float32)
+    dq = to_dequantize_linear(quantize_rtn(weight, bits, block_size))
+    k, n = dq.data.shape
+    if bits == 4:
+        data = helper.make_tensor("W", TensorProto.INT4, [k, n], pack_int4_bytes(dq.data), raw=True)
+    else:
+        data = numpy_helper.from_array(dq.data, "W")
+    node = helper.make_node("DequantizeLinear", ["W", "S"], ["Y"], axis=0, block_size=block_size)
+    session = _session([node], [], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [k, n])],
+                       [data, numpy_helper.from_array(dq.scales, "S")])
+    assert np.array_equal(session.run(None, {})[0], dequantize_linear_reference(dq))
+    assert np.array_equal(dequantize_linear_reference(dq), quantize_rtn(weight, bits, block_size).dequantize().T)
+
+
+def test_asymmetric_weights_cannot_become_dequantize_linear():
+    with pytest.raises(UnsupportedError):
+        to_dequantize_linear(quantize_rtn(np.random.default_rng(0).standard_normal((4, 64)), 4, 32, symmetric=False))
+
+
+# --- BitCPM ternary -------------------------------------------------------------------------------
+
+
+def bitcpm_fake_quantized(shape, group, seed=0) -> np.ndarray:
+    """Ternary weights stored as bf16-representable floats, like BitCPM4's fake-quantized release."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    n, k = shape
+    group = k if group is None else group
+    scales = np.abs(rng.standard_normal((n, k // group))).astype(np.float32) * 0.05 + 0.01
+    signs = rng.integers(-1, 2, size=shape).astype(np.float32)
+    weight = signs * np.repeat(scales, group, axis=1)
+    return torch.from_numpy(weight).to(torch.bfloat16).float().numpy()
+
+
+@pytest.mark.parametrize("group", [None, 128, 64, 32])
+def test_bitcpm_ternary_detection_finds_group_and_packs_losslessly(group):
+    weight = bitcpm_fake_quantized((32, 256), group)
+    layout = detect_ternary(weight)
+    assert layout is not None
+    assert layout.group_size == (256 if group is None else group)
+    packed = pack_ternary_exact(weight, layout, block_size=32)
+    assert np.array_equal(packed.dequantize(), weight)  # bit for bit
+    assert np.array_equal(matmul_nbits_weight(packed), weight.T)
+
+
+def test_dense_weights_are_not_ternary():
+    assert detect_ternary(np.random.default_rng(1).standard_normal((8, 128)).astype(np.float32)) is None
+
+
+# --- GPTQ ------------------------------------------------------------------------------------------
+
+
+def pack_gptq_v1(weight: np.ndarray, group_size: int, *, symmetric: bool, act_order: bool, seed: int = 0):
+    """An AutoGPTQ v1 checkpoint layer written from the format description (spec §7.2), independently
+    of edgecpm's converter. Returns (qweight, qzeros, scales, g_idx, dequantized original)."""
+    rng = np.random.default_rng(seed)
+    n, k = weight.shape
+    groups = k // group_size
+    g_idx = (np.argsort(rng.permutation(k)) // group_size if act_order else np.arange(k) // group_size).astype(np.int32)
+    scales = np.zeros((groups, n), np.float16)
+    zeros = np.zeros((groups, n), np.int64)
+    codes = np.zeros((k, n), np.int64)
+    for g in range(groups):
+        members = np.nonzero(g_idx == g)[0]
+        block = weight[:, members]
+        if symmetric:
+            scale = np.abs(block).max(axis=1) / 7.5
+            zero = np.full(n, 8)
+        else:
+            low, high = block.min(axis=1), block.max(axis=1)
+            scale = (high - low) / 15
+            zero = np.clip(np.round(-low / scale), 1, 15).astype(np.int64)
+        scales[g] = scale.astype(np.float16)
+        zeros[g] = zero
+        codes[members] = np.clip(np.round(block.T / scales[g].astype(np.float32)) + zero, 0, 15)
+    qweight = np.zeros((k // 8, n), np.uint32)
+    for row in range(k):
+        qweight[row // 8] |= (codes[row].astype(np.uint32) << (4 * (row % 8)))
+    stored = (zeros - 1).astype(np.uint32)
+    qzeros = np.zeros((groups, n // 8), np.uint32)
+    for col in range(n):
+        qzeros[:, col // 8] |= stored[:, col] << (4 * (col % 8))
+    original = np.zeros((n, k), np.float32)
+    for row in range(k):
+        g = g_idx[row]
+        original[:, row] = scales[g].astype(np.float32) * (codes[row] - zeros[g])
+    return qweight.view(np.int32), qzeros.view(np.int32), scales, g_idx, original
+
+
+@pytest.mark.parametrize("group_size,symmetric,act_order", [(128, True, False), (32, False, False), (32, False, True), (64, True, True)])
+def test_gptq_converts_without_requantizing(group_size, symmetric, act_order):
+    weight = np.random.default_rng(5).standard_normal((32, 256)).astype(np.float32) * 0.1
+    qweight, qzeros, scales, g_idx, original = pack_gptq_v1(weight, group_size, symmetric=symmetric, act_order=act_order)
+    assert np.array_equal(dequantize_gptq(qweight, qzeros, scales, g_idx), original)
+    layer = convert_gptq("proj", qweight, qzeros, scales, g_idx, group_size=group_size)
+    assert (layer.input_order is not None) == act_order
+    order = np.arange(256) if layer.input_order is None else layer.input_order
+    assert np.array_equal(layer.quantized.dequantize(), original[:, order])
+    assert np.array_equal(matmul_nbits_weight(layer.quantized), original[:, order].T)
+    if symmetric and not act_order:
+        assert np.all(layer.quantized.zero_points == default_zero_point(4))
+
+
+def test_gptq_inconsistent_shapes_name_the_tensor():
+    weight = np.random.default_rng(0).standard_normal((16, 128)).astype(np.float32)
+    qweight, qzeros, scales, g_idx, _ = pack_gptq_v1(weight, 32, symmetric=True, act_order=False)
+    with pytest.raises(CheckpointError, match=r"layer\.scales"):
+        convert_gptq("layer", qweight, qzeros, scales[:-1], g_idx, group_size=32)
+    with pytest.raises(CheckpointError, match=r"layer\.qzeros"):
+        convert_gptq("layer", qweight, qzeros[:, :1], scales, g_idx, group_size=32)
+    with pytest.raises(CheckpointError, match=r"layer\.g_idx"):
+        convert_gptq("layer", qweight, qzeros, scales, np.zeros(128, np.int32), group_size=32)
+    with pytest.raises(CheckpointError, match=r"layer\.qweight"):
+        convert_gptq("layer", qweight.astype(np.int64), qzeros, scales, g_idx, group_size=32)
+
+
+# --- QuantSpec ---------------------------------------------------------------------------------------
+
+
+def test_quant_spec_selects_tensors_and_roundtrips():
+    spec = QuantSpec(scheme="int4", block_size=64, overrides={"model.layers.0.*": "int8"})
+    assert spec.for_tensor("model.layers.1.self_attn.q_proj.weight").bits == 4
+    assert spec.for_tensor("model.layers.0.mlp.down_proj.weight").bits == 8
+    assert spec.for_tensor("model.layers.1.input_layernorm.weight") is None
+    assert spec.for_tensor("lm_head.weight").scheme == "int8"
+    assert QuantSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("spec,flavour,field", [
+    (QuantSpec(scheme="int4", symmetric=False), "standard", "--asymmetric"),
+    (QuantSpec(scheme="ternary"), "standard", "--quant"),
+    (QuantSpec(scheme="int3"), "ort", "--quant"),
+    (QuantSpec(scheme="int4", block_size=48), "ort", "--block-size"),
+])
+def test_quant_spec_rejects_what_a_flavour_cannot_hold(spec, flavour, field):
+    with pytest.raises(UnsupportedError) as error:
+        spec.validate(flavour)
+    assert error.value.field == field
+
+
+def test_reference_model_is_valid_onnx():
+    # The test graphs above follow the ONNX checker, so a format bug cannot hide behind a lenient runtime.
+    dq = to_dequantize_linear(quantize_rtn(np.ones((4, 32), np.float32), 4, 32))
+    tensor = helper.make_tensor("W", TensorProto.INT4, list(dq.data.shape), pack_int4_bytes(dq.data), raw=True)
+    node = helper.make_node("DequantizeLinear", ["W", "S"], ["Y"], axis=0, block_size=32)
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, list(dq.data.shape))],
+                              [tensor, numpy_helper.from_array(dq.scales, "S")])
+    onnx.checker.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10))
