@@ -20,6 +20,7 @@ from edgecpm.quant.formats import (
 from edgecpm.quant.gptq import convert_gptq, dequantize_gptq
 from edgecpm.quant.spec import QuantSpec
 from edgecpm.quant.ternary import detect_ternary, pack_ternary_exact
+from gptq_writer import pack_gptq_v1
 
 ONNX_FLOAT = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 
@@ -142,43 +143,6 @@ def test_dense_weights_are_not_ternary():
 
 
 # --- GPTQ ------------------------------------------------------------------------------------------
-
-
-def pack_gptq_v1(weight: np.ndarray, group_size: int, *, symmetric: bool, act_order: bool, seed: int = 0):
-    """An AutoGPTQ v1 checkpoint layer written from the format description (spec §7.2), independently
-    of edgecpm's converter. Returns (qweight, qzeros, scales, g_idx, dequantized original)."""
-    rng = np.random.default_rng(seed)
-    n, k = weight.shape
-    groups = k // group_size
-    g_idx = (np.argsort(rng.permutation(k)) // group_size if act_order else np.arange(k) // group_size).astype(np.int32)
-    scales = np.zeros((groups, n), np.float16)
-    zeros = np.zeros((groups, n), np.int64)
-    codes = np.zeros((k, n), np.int64)
-    for g in range(groups):
-        members = np.nonzero(g_idx == g)[0]
-        block = weight[:, members]
-        if symmetric:
-            scale = np.abs(block).max(axis=1) / 7.5
-            zero = np.full(n, 8)
-        else:
-            low, high = block.min(axis=1), block.max(axis=1)
-            scale = (high - low) / 15
-            zero = np.clip(np.round(-low / scale), 1, 15).astype(np.int64)
-        scales[g] = scale.astype(np.float16)
-        zeros[g] = zero
-        codes[members] = np.clip(np.round(block.T / scales[g].astype(np.float32)) + zero, 0, 15)
-    qweight = np.zeros((k // 8, n), np.uint32)
-    for row in range(k):
-        qweight[row // 8] |= (codes[row].astype(np.uint32) << (4 * (row % 8)))
-    stored = (zeros - 1).astype(np.uint32)
-    qzeros = np.zeros((groups, n // 8), np.uint32)
-    for col in range(n):
-        qzeros[:, col // 8] |= stored[:, col] << (4 * (col % 8))
-    original = np.zeros((n, k), np.float32)
-    for row in range(k):
-        g = g_idx[row]
-        original[:, row] = scales[g].astype(np.float32) * (codes[row] - zeros[g])
-    return qweight.view(np.int32), qzeros.view(np.int32), scales, g_idx, original
 
 
 @pytest.mark.parametrize("group_size,symmetric,act_order", [(128, True, False), (32, False, False), (32, False, True), (64, True, True)])

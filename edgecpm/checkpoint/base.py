@@ -69,6 +69,8 @@ class Checkpoint:
     has_chat_template: bool = False
     generation: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None
+    # Weight name -> loader of already-quantized codes (GPTQ), exported as they are, never re-quantized.
+    prequantized: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
     @functools.cached_property
     def tokenizer(self) -> TokenizerFiles | None:

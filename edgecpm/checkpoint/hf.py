@@ -9,6 +9,7 @@ from typing import Any
 from edgecpm.arch.base import get_architecture
 from edgecpm.arch.fields import ConfigFields
 from edgecpm.checkpoint.base import Checkpoint, TensorRef, select_tensors
+from edgecpm.checkpoint.gptq import GPTQConfig, split_gptq_tensors
 from edgecpm.checkpoint.safetensors_file import read_safetensors
 from edgecpm.checkpoint.tokenizer import has_chat_template, read_hf_tokenizer
 from edgecpm.errors import CheckpointError, UnsupportedError
@@ -34,12 +35,11 @@ def open_hf_directory(directory: Path) -> Checkpoint:
     fields = ConfigFields(read_json(config_path), config_path)
     model_type = fields.str("model_type")
     architecture = get_architecture(model_type, source=config_path)
-    quantization = fields.raw.get("quantization_config")
-    if quantization is not None:
-        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
-        raise UnsupportedError(f"pre-quantized checkpoints ({method!r:.20}) are not supported yet", path=config_path, field="quantization_config")
-
     tensors, files = _read_weights(directory)
+    gptq = _gptq_config(directory, fields)
+    prequantized = {}
+    if gptq is not None:
+        tensors, prequantized = split_gptq_tensors(tensors, gptq, directory)
     config = architecture.parse_config(fields, frozenset(tensors))
     selected = select_tensors(architecture, config, tensors, directory)
     generation_path = directory / "generation_config.json"
@@ -55,7 +55,23 @@ def open_hf_directory(directory: Path) -> Checkpoint:
         has_tokenizer=any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")),
         has_chat_template=has_chat_template(directory),
         generation=generation if isinstance(generation, dict) else {},
+        quantization=gptq.to_dict() if gptq else None,
+        prequantized=prequantized,
     )
+
+
+def _gptq_config(directory: Path, fields: ConfigFields) -> GPTQConfig | None:
+    """`quantization_config` in config.json, or AutoGPTQ's separate quantize_config.json."""
+    block = fields.sub("quantization_config")
+    if block is None and (directory / "quantize_config.json").is_file():
+        block = ConfigFields(read_json(directory / "quantize_config.json"), directory / "quantize_config.json")
+        block.raw.setdefault("quant_method", "gptq")
+    if block is None:
+        return None
+    method = block.str("quant_method")
+    if method != "gptq":
+        raise UnsupportedError(f"pre-quantized {method!r:.20} checkpoints are not supported (GPTQ is)", path=block.source, field="quant_method")
+    return GPTQConfig.from_config(block)
 
 
 def _read_weights(directory: Path) -> tuple[dict[str, TensorRef], list[Path]]:
