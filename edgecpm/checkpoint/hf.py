@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +96,10 @@ def _read_sharded(index_path: Path, reader) -> tuple[dict[str, TensorRef], list[
     shards = []
     for shard_name in sorted(set(weight_map.values())):
         shard = (index_path.parent / str(shard_name)).resolve()
-        if shard.parent != index_path.parent.resolve() or not shard.is_file():
-            raise CheckpointError(f"shard {shard_name!r:.80} is missing or outside the checkpoint directory", path=index_path, field="weight_map")
+        if shard.parent != index_path.parent.resolve():
+            raise CheckpointError(f"shard {shard_name!r:.80} is outside the checkpoint directory", path=index_path, field="weight_map")
+        if not shard.is_file():
+            raise CheckpointError(f"shard {shard_name!r:.80} is missing", path=index_path, field="weight_map")
         shards.append(shard)
         tensors |= reader(shard)
     for name, shard_name in weight_map.items():
@@ -112,7 +115,7 @@ def _read_torch_bin(path: Path) -> dict[str, TensorRef]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # the unpickler raises many types for hostile or corrupt files
-        raise CheckpointError(f"cannot load with weights_only=True: {str(exc).splitlines()[0][:200]}", path=path) from None
+        raise CheckpointError(f"cannot load with weights_only=True: {_torch_load_reason(exc)}", path=path) from None
     if not isinstance(state, dict):
         raise CheckpointError("file does not hold a state dict", path=path)
     refs = {}
@@ -122,3 +125,13 @@ def _read_torch_bin(path: Path) -> dict[str, TensorRef]:
         dtype = str(tensor.dtype).removeprefix("torch.")
         refs[name] = TensorRef(name, tuple(tensor.shape), dtype, path, lambda t=tensor: t.float().numpy())
     return refs
+
+
+def _torch_load_reason(exc: Exception) -> str:
+    """The informative part of torch.load's error, without its advice to disable weights_only or its ANSI codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    refused = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", text)
+    if refused:
+        return f"the file holds something other than tensors ({refused.group(1).strip()[:160]})"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), exc.__class__.__name__)
+    return first[:200]
