@@ -88,6 +88,9 @@ def read_manifest(bundle: str | Path) -> Manifest:
 
 def bundle_files(manifest: Manifest) -> list[str]:
     files = [manifest.model_file, *manifest.extra.get("data_files", []), TOKENIZER_NAME]
+    template = manifest.tokenizer.get("chat_template_file") if isinstance(manifest.tokenizer, dict) else None
+    if template:
+        files.append(template)
     return files
 
 

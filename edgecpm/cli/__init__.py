@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        app(args=args, standalone_mode=False)
+        # Without standalone mode Typer returns an Exit's code instead of raising it; that includes the
+        # 130 it substitutes for a KeyboardInterrupt, which would otherwise end the process with status 0.
+        code = app(args=args, standalone_mode=False)
+        if isinstance(code, int) and code:
+            raise KeyboardInterrupt if code == 130 else SystemExit(code)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code or 0)

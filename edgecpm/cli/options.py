@@ -1,13 +1,40 @@
-"""Option definitions shared by several commands, declared once."""
+"""Option definitions shared by several commands, declared once.
+
+Generation options default to None, meaning "not given": the defaults live in one place,
+`edgecpm.generate.GenerationSettings`, and `generation_options` passes on only what the user set.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
-JSON_OUTPUT = typer.Option(False, "--json", help="Print one JSON object instead of a table.")
+JSON_OUTPUT = typer.Option(False, "--json", help="Print one JSON object instead of human-readable output.")
 CHECKPOINT_OR_BUNDLE = typer.Argument(..., help="An HF checkpoint directory, a GGUF file, or an edgecpm bundle.", show_default=False)
+BUNDLE = typer.Argument(..., help="An edgecpm bundle directory (made by `edgecpm export`).", show_default=False)
+THREADS = typer.Option(None, "--threads", min=1, help="CPU threads for the runtime (default: the runtime's choice).")
+SYSTEM = typer.Option(None, "--system", help="A system message placed before the conversation.")
+
+# Sampling and stopping (run, chat).
+MAX_NEW_TOKENS = typer.Option(None, "--max-new-tokens", help="Most tokens to generate (default: 256).")
+TEMPERATURE = typer.Option(None, "--temperature", help="Sampling temperature; 0 is greedy (default: 0).")
+TOP_P = typer.Option(None, "--top-p", help="Nucleus sampling: keep tokens up to this probability mass, in (0, 1] (default: 1).")
+TOP_K = typer.Option(None, "--top-k", help="Keep only the K most likely tokens; 0 is off (default: 0).")
+REPETITION_PENALTY = typer.Option(None, "--repetition-penalty", help="Above 1 discourages repeating tokens (default: 1).")
+SEED = typer.Option(None, "--seed", help="Seed for sampling, for reproducible output.")
+STOP = typer.Option(None, "--stop", help="Stop when the text contains this string (not printed); repeatable.")
+
+
+def generation_options(*, max_new_tokens: int | None, temperature: float | None, top_p: float | None, top_k: int | None,
+                       repetition_penalty: float | None, seed: int | None, stop: list[str] | None,
+                       truncate: bool = False) -> dict[str, Any]:
+    """The options the user set, named as `GenerationSettings` fields (validated there)."""
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                   repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop) if stop else None,
+                   truncate="left" if truncate else None)
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def existing_path(path: Path) -> Path:

@@ -1,0 +1,70 @@
+"""Decode/prefill throughput of an edgecpm bundle through the onnxruntime Backend (no generation loop).
+
+    python benchmarks/edgecpm_engine.py BUNDLE [--prompt-tokens 100] [--new-tokens 128] [--repeats 3] [--threads N]
+                                               [--spin] [--prepack]
+
+`run_edgecpm` is what the peer comparison (benchmarks/bench_decode.py) calls: greedy decoding, timed
+separately for the prefill and for the decode steps (argmax included, as any generation loop pays it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run_edgecpm(bundle_dir, prompt_ids, new_tokens: int, *, threads: int | None = None, backend=None, **options) -> dict:
+    """One greedy run; `options` go to load_backend (prepack=, spin=). Pass `backend` to reuse a session."""
+    from edgecpm.runtimes.onnxruntime import load_backend
+
+    backend = backend or load_backend(Path(bundle_dir), threads=threads, **options)
+    backend.reset()
+    prompt = np.asarray(prompt_ids, dtype=np.int64)
+    start = time.perf_counter()
+    logits = backend.prefill(prompt)
+    prefill_s = time.perf_counter() - start
+    tokens = [int(logits.argmax())]
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        tokens.append(int(backend.decode(tokens[-1]).argmax()))
+    decode_s = time.perf_counter() - start
+    return {
+        "prefill_tokens_per_second": len(prompt) / prefill_s,
+        "decode_tokens_per_second": (new_tokens - 1) / decode_s if new_tokens > 1 else float("nan"),
+        "token_ids": tokens,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle")
+    parser.add_argument("--prompt-tokens", type=int, default=100)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--spin", action="store_true", help="keep onnxruntime's intra-op spinning (dedicated machine)")
+    parser.add_argument("--prepack", action="store_true", help="prepack weights (faster prefill, slower decode)")
+    args = parser.parse_args()
+    from edgecpm.runtimes.onnxruntime import load_backend
+
+    backend = load_backend(Path(args.bundle), threads=args.threads, spin=args.spin, prepack=args.prepack)
+    prompt = (np.arange(args.prompt_tokens) * 37 + 11) % 1000 + 100  # deterministic ordinary-token prompt
+    run_edgecpm(args.bundle, prompt, 8, backend=backend)  # warm-up (first-run allocations, thread pool)
+    runs = [run_edgecpm(args.bundle, prompt, args.new_tokens, backend=backend) for _ in range(args.repeats)]
+    print(json.dumps({
+        "bundle": args.bundle,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "prefill_tokens_per_second": statistics.median(r["prefill_tokens_per_second"] for r in runs),
+        "decode_tokens_per_second": statistics.median(r["decode_tokens_per_second"] for r in runs),
+        "runs_decode": [round(r["decode_tokens_per_second"], 2) for r in runs],
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""checkpoint -> model.onnx + model.onnx.data in a directory (the bundle writer calls this)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edgecpm.checkpoint.base import Checkpoint
+from edgecpm.errors import UnsupportedError
+from edgecpm.exporters.onnx.lowering import make_lowering
+from edgecpm.exporters.onnx.models import builder_for
+from edgecpm.exporters.onnx.ops import BuildContext, Weights
+from edgecpm.exporters.onnx.spec import FLAVOURS, PRECISIONS, TIED_HEAD_MODES, ExportOptions, GraphIO
+from edgecpm.exporters.onnx.writer import GraphWriter
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+def check_options(options: ExportOptions) -> None:
+    for value, allowed, name in ((options.flavour, FLAVOURS, "flavour"), (options.precision, tuple(PRECISIONS), "precision"),
+                                 (options.tied_head, TIED_HEAD_MODES, "tied_head")):
+        if value not in allowed:
+            raise UnsupportedError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})", field=name)
+
+
+def build_onnx(checkpoint: Checkpoint, options: ExportOptions, out_dir: Path,
+               progress: Callable[[str], None] | None = None) -> GraphIO:
+    """Writes the graph; weights stream from the checkpoint one (fused) tensor at a time."""
+    check_options(options)
+    builder = builder_for(checkpoint.architecture.name)
+    writer = GraphWriter(out_dir / DATA_FILE)
+    try:
+        lowering = make_lowering(writer, options, checkpoint.config.rope)
+        ctx = BuildContext(checkpoint.config, Weights(writer, checkpoint.tensors, np.dtype(options.np_dtype)), writer,
+                           lowering, options)
+        lowering.logits_output(builder(ctx))
+        if progress:
+            progress(f"wrote {len(writer.initializers)} initializers, {len(writer.nodes)} nodes")
+        writer.save(out_dir / MODEL_FILE, uses_contrib_ops=lowering.uses_contrib_ops, producer="edgecpm")
+    finally:
+        writer.close()
+    return lowering.graph_io()

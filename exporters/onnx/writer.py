@@ -1,0 +1,106 @@
+"""GraphWriter: the one place that makes ONNX protos. Weights stream straight into the external-data file.
+
+Every initializer larger than a few numbers is appended to `model.onnx.data` the moment it is added and
+only a reference (offset, length) stays in memory, so an export holds at most one fused weight at a time
+(an 8B model exports inside 24 GB). Builders call `op()` / `weight()` / `const()` and never touch protos.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+# onnxruntime memory-maps external data; page-aligned large tensors can be mapped without a copy.
+PAGE_ALIGN = 4096
+SMALL_ALIGN = 64
+INLINE_BYTES = 1024  # scalars, shapes, norms of tiny models: kept inside model.onnx
+ORT_DOMAIN = "com.microsoft"
+OPSET = 21
+IR_VERSION = 10  # what onnxruntime >= 1.20 loads
+
+ONNX_DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+               np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32,
+               np.dtype(np.bool_): TensorProto.BOOL}
+
+
+class GraphWriter:
+    def __init__(self, data_path: Path):
+        self.data_path = data_path
+        self.data_name = data_path.name
+        self._data: BinaryIO = open(data_path, "wb")
+        self._offset = 0
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._names = itertools.count()
+        self._consts: dict[tuple, str] = {}
+
+    # ---- names and values -------------------------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        return f"{hint}_{next(self._names)}"
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """Adds an initializer; anything but tiny arrays goes to the external-data file right away."""
+        array = np.ascontiguousarray(array)
+        if array.nbytes <= INLINE_BYTES:
+            self.initializers.append(numpy_helper.from_array(array, name))
+            return name
+        align = PAGE_ALIGN if array.nbytes >= 64 * 1024 else SMALL_ALIGN
+        pad = (-self._offset) % align
+        if pad:
+            self._data.write(b"\0" * pad)
+            self._offset += pad
+        self._data.write(array.data)  # no bytes copy of a large tensor
+        tensor = TensorProto(name=name, data_type=ONNX_DTYPES[array.dtype], dims=array.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.data_name), ("offset", str(self._offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self._offset += array.nbytes
+        self.initializers.append(tensor)
+        return name
+
+    def const(self, values: Any, dtype: Any = np.int64) -> str:
+        """A small constant (shape, axis list, scalar), deduplicated."""
+        array = np.asarray(values, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.weight(self.fresh("const"), array)
+        return self._consts[key]
+
+    # ---- nodes --------------------------------------------------------------------------------------
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, *, domain: str = "", outputs: list[str] | None = None,
+           **attrs: Any) -> Any:
+        """Appends a node; returns its output name (or the list of names when n_out > 1)."""
+        if outputs is None:
+            outputs = [self.fresh(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.fresh(op_type), domain=domain, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def add_input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def add_output(self, name: str, elem_type: int, shape: list) -> None:
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    # ---- finish -------------------------------------------------------------------------------------
+    def save(self, model_path: Path, *, uses_contrib_ops: bool, producer: str) -> None:
+        self._data.close()
+        graph = helper.make_graph(self.nodes, "edgecpm", self.inputs, self.outputs, self.initializers)
+        opsets = [helper.make_opsetid("", OPSET)]
+        if uses_contrib_ops:
+            opsets.append(helper.make_opsetid(ORT_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name=producer)
+        # The proto holds only references to the data file, so it stays small even for 8B models.
+        model_path.write_bytes(model.SerializeToString())
+
+    def close(self) -> None:
+        if not self._data.closed:
+            self._data.close()
