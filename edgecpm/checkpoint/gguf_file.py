@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -238,17 +239,41 @@ def _tensor_refs(name: str, tensor: Any, path: Path, config: Any, permuted: bool
     return {hf_name: base.renamed(hf_name, transform)}
 
 
+def _tokenizer_fields(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """transformers' GGUF tokenizer inputs, taken from the metadata this module already read.
+
+    (transformers' own `get_gguf_tokenizer` re-reads the file with a reader that imports torch; export
+    must work without torch.)
+    """
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
+
+    grouped = {
+        group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise (spec §8).
+        tokenizer_config.setdefault("add_bos_token", True)
+    if tokenizer_dict.get("tokenizer_type") == "gpt2":
+        # gguf-py writes no key for an empty merge list; a byte-level vocabulary has no scores to derive one from.
+        tokenizer_dict.setdefault("merges", [])
+    tokens = tokenizer_dict.get("tokens", [])
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id")):
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokens[token_id] if isinstance(token_id, int) and 0 <= token_id < len(tokens) else None
+    return tokenizer_dict, tokenizer_config
+
+
 def _tokenizer(path: Path, meta: dict[str, Any]) -> TokenizerFiles | None:
     if "tokenizer.ggml.tokens" not in meta:
         return None
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its "PyTorch was not found" notice is noise here
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     try:
-        architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(path))
-        if tokenizer_dict.get("tokenizer_type") == "gpt2":
-            # gguf-py writes no key for an empty merge list; a byte-level vocabulary has no scores to derive one from.
-            tokenizer_dict.setdefault("merges", [])
-        tokenizer, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
+        tokenizer_dict, tokenizer_config = _tokenizer_fields(meta)
+        tokenizer, _ = convert_gguf_tokenizer(meta["general.architecture"], tokenizer_dict)
     except Exception as exc:
         raise CheckpointError(f"cannot build a tokenizer from the metadata: {str(exc)[:160]}", path=path, field="tokenizer.ggml.model") from None
     return TokenizerFiles(
