@@ -68,3 +68,42 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---- engines for benchmarks/bench_decode.py (same contract as benchmarks/peers.py) -----------------------
+
+
+def ensure_bundle(hf_dir: Path, bundle: Path, **export_options) -> Path:
+    """Exports the peers' HF weights once (outside every timing); a finished bundle is reused."""
+    from edgecpm.bundle import MANIFEST_NAME
+    from edgecpm.export import export_checkpoint
+
+    if not (bundle / MANIFEST_NAME).is_file():
+        export_checkpoint(hf_dir, bundle, max_context=2048, overwrite=bundle.exists(), **export_options)
+    return bundle
+
+
+def peer_engine(name: str, *, load_options: dict | None = None, **export_options):
+    """An engine function for bench_decode's registry: greedy with EOS masked, prefill/decode timed apart."""
+
+    def run(paths: dict, prompt: list[int], new_tokens: int = 128, runs: int = 3, threads: int = 2) -> dict:
+        import peers
+        from edgecpm.runtimes.onnxruntime import load_backend
+
+        bundle = ensure_bundle(Path(paths["hf"]), Path(paths["hf"]).parent / f"edgecpm-{name}", **export_options)
+        backend = load_backend(bundle, threads=threads, **(load_options or {}))
+        prompt_ids = np.asarray(prompt, dtype=np.int64)
+
+        def one_run() -> dict:
+            backend.reset()
+            start = time.perf_counter()
+            tokens = [peers._argmax_no_eos(backend.prefill(prompt_ids))]
+            prefill_s = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(new_tokens - 1):
+                tokens.append(peers._argmax_no_eos(backend.decode(tokens[-1])))
+            return {"prefill_seconds": prefill_s, "decode_seconds": time.perf_counter() - start, "token_ids": tokens}
+
+        return peers._repeat(f"edgecpm-{name}", one_run, len(prompt), new_tokens, runs)
+
+    return run
