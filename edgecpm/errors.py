@@ -33,3 +33,7 @@ class BundleError(EdgecpmError):
 
 class GenerationError(EdgecpmError):
     """Invalid generation input: empty or too-long prompt, invalid sampling values."""
+
+
+class QualityError(EdgecpmError):
+    """A quantized export whose measured quality is worse than the limit the user set."""

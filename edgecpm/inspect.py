@@ -1,4 +1,4 @@
-"""Facts about a checkpoint (or, later, a bundle) as a plain dict for tables and `--json`."""
+"""Facts about a checkpoint or a bundle as a plain dict for tables and `--json`."""
 
 from __future__ import annotations
 
@@ -48,4 +48,35 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:
         "chat_template": checkpoint.has_chat_template,
         "kv_bytes_per_token": {"fp16": kv_values * 2, "fp32": kv_values * 4},
         "estimated_weight_bytes": estimated_weight_bytes(checkpoint),
+    }
+
+
+def describe_bundle(bundle) -> dict[str, Any]:
+    """What `edgecpm inspect BUNDLE` shows: facts from the manifest plus the bytes on disk."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from edgecpm.bundle import read_manifest
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    quantization = dict(manifest.quantization or {})
+    quality = quantization.pop("quality", None)
+    quantization.pop("tensors", None)  # per-tensor detail stays in the manifest; the counts are shown
+    layout = manifest.kv_layout
+    files = [manifest.model_file, *manifest.extra.get("data_files", [])]
+    return {
+        "kind": "bundle",
+        "path": str(bundle),
+        "architecture": manifest.architecture.get("model_type", "?"),
+        "flavour": manifest.flavour,
+        "precision": manifest.precision,
+        "quantization": quantization or "none",
+        "quality": quality or "not measured (float export)",
+        "weight_bytes": sum((bundle / name).stat().st_size for name in files),
+        "kv_bytes_per_token": int(layout["values_per_token"]) * np.dtype(layout["dtype"]).itemsize,
+        "kv_mode": layout["mode"],
+        "max_context": manifest.max_context,
+        "eos_token_ids": manifest.eos_token_ids,
     }

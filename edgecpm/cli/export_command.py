@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from edgecpm.cli import app
+from edgecpm.cli.options import (ACCURACY_LEVEL, ASYMMETRIC, BLOCK_SIZE, EMBEDDINGS, LM_HEAD, MAX_PPL_INCREASE, METHOD, QUANT,
+                                 QUALITY_TOKENS)
 
 
 def export_with_progress(source: str | Path, out_dir: Path, **options) -> Path:
@@ -15,13 +17,20 @@ def export_with_progress(source: str | Path, out_dir: Path, **options) -> Path:
 
     from edgecpm.export import export_checkpoint
 
+    import warnings
+
     console = Console(stderr=True, log_path=False)
-    with console.status(f"exporting {source}") as status:
+    with warnings.catch_warnings(record=True) as caught, console.status(f"exporting {source}") as status:
+        warnings.simplefilter("always")
+
         def report(message: str) -> None:
             status.update(message)
             console.log(message)
 
-        return export_checkpoint(source, out_dir, progress=report, **options)
+        result = export_checkpoint(source, out_dir, progress=report, **options)
+    for warning in caught:
+        typer.echo(f"warning: {warning.message}", err=True)
+    return result
 
 
 @app.command()
@@ -34,10 +43,27 @@ def export(
     max_context: int = typer.Option(2048, "--max-context", min=1, help="Longest sequence (prompt + answer) the bundle holds."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     download: bool = typer.Option(False, "--download", help="Fetch a model id that is not in the local cache."),
+    quant: str = QUANT,
+    method: str = METHOD,
+    block_size: int = BLOCK_SIZE,
+    asymmetric: bool = ASYMMETRIC,
+    lm_head: str = LM_HEAD,
+    embeddings: str = EMBEDDINGS,
+    accuracy_level: int = ACCURACY_LEVEL,
+    max_ppl_increase: float = MAX_PPL_INCREASE,
+    quality_tokens: int = QUALITY_TOKENS,
 ) -> None:
     """Export a checkpoint to a bundle for `edgecpm run` and `edgecpm chat`."""
+    from edgecpm.errors import UnsupportedError
     from edgecpm.hf_cache import resolve_checkpoint
+    from edgecpm.quant.spec import CLI_METHODS, QuantSpec
 
+    if method not in CLI_METHODS:
+        raise UnsupportedError(f"unknown method {method!r} (choose from {', '.join(CLI_METHODS)})", field="--method")
+    spec = QuantSpec(scheme=quant, method=method, block_size=block_size, symmetric=not asymmetric, lm_head=lm_head,
+                     embeddings=embeddings).validate(flavour)
     checkpoint = resolve_checkpoint(source, download=download)
-    export_with_progress(checkpoint, out, flavour=flavour, dtype=dtype, max_context=max_context, overwrite=overwrite)
+    export_with_progress(checkpoint, out, flavour=flavour, dtype=dtype, max_context=max_context, overwrite=overwrite,
+                         quant=spec, max_ppl_increase=max_ppl_increase, accuracy_level=accuracy_level,
+                         quality_tokens=quality_tokens)
     typer.echo(f"wrote {out}")

@@ -23,16 +23,21 @@ def _format(value: object, key: str) -> str:
         return ", ".join(f"{k} {_human_bytes(v) if is_bytes else v}" for k, v in value.items())
     if isinstance(value, int) and not isinstance(value, bool) and key == "parameters":
         return f"{value:,}"
+    if isinstance(value, int) and not isinstance(value, bool) and "bytes" in key:
+        return _human_bytes(value)
     return str(value)
 
 
 @app.command()
 def inspect(path: Path = CHECKPOINT_OR_BUNDLE, json_output: bool = JSON_OUTPUT) -> None:
     """Show architecture, sizes, quantization, rope, context, tokenizer and memory estimates."""
+    from edgecpm.bundle import MANIFEST_NAME
     from edgecpm.checkpoint import open_checkpoint
-    from edgecpm.inspect import describe_checkpoint
+    from edgecpm.inspect import describe_bundle, describe_checkpoint
 
-    report = describe_checkpoint(open_checkpoint(existing_path(path)))
+    path = existing_path(path)
+    is_bundle = path.is_dir() and (path / MANIFEST_NAME).is_file()
+    report = describe_bundle(path) if is_bundle else describe_checkpoint(open_checkpoint(path))
     if json_output:
         print(json.dumps(report, indent=2))
         return

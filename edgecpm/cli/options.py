@@ -17,6 +17,21 @@ BUNDLE = typer.Argument(..., help="An edgecpm bundle directory (made by `edgecpm
 THREADS = typer.Option(None, "--threads", min=1, help="CPU threads for the runtime (default: the runtime's choice).")
 SYSTEM = typer.Option(None, "--system", help="A system message placed before the conversation.")
 
+# Quantized export (export). Plain strings/ints, checked by QuantSpec.validate, so a bad value is the
+# same one-line error (exit 1) from the CLI and the Python API.
+QUANT = typer.Option("none", "--quant", help="Decoder weights: none, int8, int4 or ternary (BitCPM, ort flavour).")
+METHOD = typer.Option("rtn", "--method", help="rtn: round to nearest; gptq: calibrated int4/int8; lossless: exact "
+                      "ternary packing of BitCPM weights (fails on anything else).")
+BLOCK_SIZE = typer.Option(32, "--block-size", help="Weights per scale along the input dimension: 16, 32, 64 or 128.")
+ASYMMETRIC = typer.Option(False, "--asymmetric", help="Per-block zero points (int4/int8, ort flavour only).")
+LM_HEAD = typer.Option("int8", "--lm-head", help="LM head storage: int8, int4 or none (with --quant).")
+EMBEDDINGS = typer.Option("int8", "--embeddings", help="Embedding table storage: int8, int4 or none (with --quant).")
+ACCURACY_LEVEL = typer.Option(4, "--accuracy-level", help="MatMulNBits compute (ort): 4 = int8 activations, fastest on "
+                              "CPU; 0 = activation dtype, exact.")
+MAX_PPL_INCREASE = typer.Option(None, "--max-ppl-increase", help="Fail (and write nothing) if the quality gate measures "
+                                "a larger relative perplexity increase, e.g. 0.05 for +5%.")
+QUALITY_TOKENS = typer.Option(256, "--quality-tokens", min=2, help="Evaluation tokens the quality gate runs.")
+
 # Sampling and stopping (run, chat).
 MAX_NEW_TOKENS = typer.Option(None, "--max-new-tokens", help="Most tokens to generate (default: 256).")
 TEMPERATURE = typer.Option(None, "--temperature", help="Sampling temperature; 0 is greedy (default: 0).")

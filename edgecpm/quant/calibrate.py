@@ -59,7 +59,7 @@ def record_linear_inputs(model, input_ids: np.ndarray, weight_names: Iterable[st
 
 
 def gptq_quantize(weight: np.ndarray, inputs: np.ndarray, bits: int, block_size: int, *, symmetric: bool = True,
-                  scale_dtype=np.float32) -> BlockQuantized:
+                  scale_dtype=np.float32, damping: float = DAMPING) -> BlockQuantized:
     """GPTQ (Frantar et al., 2022) with static per-block scales; returns codes in the RTN layout."""
     import torch
 
@@ -72,7 +72,7 @@ def gptq_quantize(weight: np.ndarray, inputs: np.ndarray, bits: int, block_size:
     dead = torch.diag(hessian) == 0
     hessian[dead, dead] = 1.0
     w[:, dead] = 0.0
-    hessian += DAMPING * torch.mean(torch.diag(hessian)) * torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    hessian += damping * torch.mean(torch.diag(hessian)) * torch.eye(hessian.shape[0], dtype=hessian.dtype)
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True).float()
 
     scales = torch.from_numpy(reference.scales.astype(np.float32))

@@ -66,3 +66,27 @@ def compare(reference_logits: np.ndarray, logits: np.ndarray, token_ids: np.ndar
         mean_kl=float(kl.mean()),
         top1_agreement=float(np.mean(reference_logits.argmax(-1) == logits.argmax(-1))),
     )
+
+
+def reference_logits(checkpoint, token_ids: np.ndarray) -> np.ndarray:
+    """fp32 PyTorch reference logits predicting tokens 1..T-1 (one forward over all positions): [T-1, V]."""
+    import torch
+
+    from edgecpm.models import reference_model
+
+    with torch.no_grad():
+        logits = reference_model(checkpoint)(torch.from_numpy(np.asarray(token_ids, dtype=np.int64))[None])
+    return logits[0, :-1].numpy()
+
+
+def measure_bundle(bundle_dir, checkpoint, max_tokens: int) -> QualityReport:
+    """The bundle as it will run (its runtime, its tokenizer) against the unquantized checkpoint's reference."""
+    from edgecpm.bundle import TOKENIZER_NAME, read_manifest
+    from edgecpm.runtimes.onnxruntime import load_backend
+    from edgecpm.text import TextTokenizer
+
+    manifest = read_manifest(bundle_dir)
+    tokenizer = TextTokenizer.from_file(bundle_dir / TOKENIZER_NAME, manifest.tokenizer)
+    ids = np.asarray(tokenizer.encode(evaluation_text())[: min(max_tokens, manifest.max_context)], dtype=np.int64)
+    logits = backend_logits(load_backend(bundle_dir, manifest), ids)
+    return compare(reference_logits(checkpoint, ids), logits, ids)

@@ -13,7 +13,10 @@ from typing import Any
 from edgecpm.errors import UnsupportedError
 
 SCHEMES = ("none", "int8", "int4", "ternary")
-METHODS = ("rtn", "awq", "gptq", "lossless")
+METHODS = ("rtn", "awq", "gptq", "lossless", "gptq-checkpoint")  # the last: codes taken from a GPTQ checkpoint
+CLI_METHODS = ("rtn", "gptq", "lossless")
+TABLE_SCHEMES = ("int8", "int4", "none")  # lm_head / embeddings
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 BITS = {"none": 16, "int8": 8, "int4": 4, "ternary": 2}
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 FLAVOURS = ("ort", "standard")
@@ -58,6 +61,9 @@ class QuantSpec:
         for name, scheme in {"--lm-head": self.lm_head, "--embeddings": self.embeddings, **self.overrides}.items():
             if scheme not in SCHEMES:
                 raise UnsupportedError(f"unknown scheme {scheme!r}", field=name)
+        for name, scheme in (("--lm-head", self.lm_head), ("--embeddings", self.embeddings)):
+            if scheme not in TABLE_SCHEMES:
+                raise UnsupportedError(f"{scheme} is not a table format (choose from {', '.join(TABLE_SCHEMES)})", field=name)
         if flavour == "standard":
             if self.scheme == "int4" and not self.symmetric:
                 raise UnsupportedError("asymmetric int4 cannot be expressed for the standard flavour (TensorRT takes "
@@ -71,18 +77,20 @@ class QuantSpec:
         for pattern, scheme in self.overrides.items():
             if fnmatch.fnmatchcase(name, pattern):
                 return self._tensor_quant(scheme)
+        # Tables are always symmetric: one layout serves GatherBlockQuantized and a tied MatMulNBits head.
         if name == "lm_head.weight":
-            return self._tensor_quant(self.lm_head)
+            return self._tensor_quant(self.lm_head, symmetric=True)
         if name == "model.embed_tokens.weight":
-            return self._tensor_quant(self.embeddings)
+            return self._tensor_quant(self.embeddings, symmetric=True)
         if fnmatch.fnmatchcase(name, LAYER_WEIGHTS) and "norm" not in name:
             return self._tensor_quant(self.scheme)
         return None
 
-    def _tensor_quant(self, scheme: str) -> TensorQuant | None:
+    def _tensor_quant(self, scheme: str, *, symmetric: bool | None = None) -> TensorQuant | None:
         if scheme == "none" or self.scheme == "none":
             return None
-        symmetric = self.symmetric if scheme == self.scheme else True
+        if symmetric is None:
+            symmetric = self.symmetric if scheme == self.scheme else True
         return TensorQuant(scheme, self.block_size, symmetric)
 
     @property

@@ -9,11 +9,14 @@ import numpy as np
 
 from edgecpm.checkpoint.base import Checkpoint
 from edgecpm.errors import UnsupportedError
+from edgecpm.quant.spec import ACCURACY_LEVELS
 from edgecpm.exporters.onnx.lowering import make_lowering
 from edgecpm.exporters.onnx.models import builder_for
 from edgecpm.exporters.onnx.ops import BuildContext, Weights
+from edgecpm.exporters.onnx.quantized import QUANTIZED_OPS
 from edgecpm.exporters.onnx.spec import FLAVOURS, PRECISIONS, TIED_HEAD_MODES, ExportOptions, GraphIO
 from edgecpm.exporters.onnx.writer import GraphWriter
+from edgecpm.quant.plan import WeightQuantizer
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -24,18 +27,25 @@ def check_options(options: ExportOptions) -> None:
                                  (options.tied_head, TIED_HEAD_MODES, "tied_head")):
         if value not in allowed:
             raise UnsupportedError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})", field=name)
+    if options.accuracy_level not in ACCURACY_LEVELS:
+        raise UnsupportedError(f"accuracy level {options.accuracy_level} is not one of {ACCURACY_LEVELS}", field="--accuracy-level")
 
 
 def build_onnx(checkpoint: Checkpoint, options: ExportOptions, out_dir: Path,
-               progress: Callable[[str], None] | None = None) -> GraphIO:
-    """Writes the graph; weights stream from the checkpoint one (fused) tensor at a time."""
+               progress: Callable[[str], None] | None = None, quantizer: WeightQuantizer | None = None) -> GraphIO:
+    """Writes the graph; weights stream from the checkpoint one (fused) tensor at a time.
+
+    `quantizer` decides which weights are stored quantized (edgecpm.quant.plan); None: all float.
+    """
     check_options(options)
     builder = builder_for(checkpoint.architecture.name)
     writer = GraphWriter(out_dir / DATA_FILE)
     try:
         lowering = make_lowering(writer, options, checkpoint.config.rope)
-        ctx = BuildContext(checkpoint.config, Weights(writer, checkpoint.tensors, np.dtype(options.np_dtype)), writer,
-                           lowering, options)
+        dtype = np.dtype(options.np_dtype)
+        quantized = QUANTIZED_OPS[options.flavour](writer, dtype, options.accuracy_level) if quantizer else None
+        weights = Weights(writer, checkpoint.tensors, dtype, quantizer, quantized)
+        ctx = BuildContext(checkpoint.config, weights, writer, lowering, options)
         lowering.logits_output(builder(ctx))
         if progress:
             progress(f"wrote {len(writer.initializers)} initializers, {len(writer.nodes)} nodes")

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from onnx import TensorProto, helper
 
 from edgecpm.arch.base import DecoderConfig
 from edgecpm.checkpoint.base import TensorRef
+from edgecpm.errors import UnsupportedError
+from edgecpm.exporters.onnx.quantized import FloatTable, Projection, Table
 from edgecpm.exporters.onnx.spec import ExportOptions
 from edgecpm.exporters.onnx.writer import ONNX_DTYPES, GraphWriter
+from edgecpm.quant.plan import fuse, scaled
 
 if TYPE_CHECKING:
     from edgecpm.exporters.onnx.lowering import Lowering
@@ -27,13 +30,23 @@ def cast(w: GraphWriter, x: str, dtype) -> str:
     return w.op("Cast", [x], to=ONNX_DTYPES[np.dtype(dtype)])
 
 
+TABLE = "model.embed_tokens.weight"
+HEAD = "lm_head.weight"
+
+
 @dataclass
 class Weights:
-    """Reads checkpoint tensors one at a time and writes them in the export dtype."""
+    """Reads checkpoint tensors one at a time and writes them in the export dtype, or quantized.
+
+    `quantizer` (edgecpm.quant.plan.WeightQuantizer) decides each weight's storage; `quantized` (a
+    flavour's writer from `quantized.py`) lays it out. Both None for a float export.
+    """
 
     w: GraphWriter
     tensors: Mapping[str, TensorRef]
     dtype: np.dtype
+    quantizer: Any = None
+    quantized: Any = None
 
     def read(self, name: str) -> np.ndarray:
         return self.tensors[name].numpy(np.float32)
@@ -44,14 +57,47 @@ class Weights:
             array = array * np.float32(scale)
         return self.w.weight(out or name, array.astype(self.dtype, copy=False))
 
-    def matmul(self, names: list[str], *, out: str, scale: float = 1.0) -> str:
-        """[in, sum(out)] from HF [out, in] tensors: one MatMul for fused projections (QKV, gate/up)."""
+    def _storage(self, name: str, role: str | None = None):
+        return None if self.quantizer is None else self.quantizer.storage(name, role)
+
+    def matmul(self, names: list[str], *, out: str, scale: float = 1.0, role: str | None = None) -> Projection:
+        """x @ W^T for HF [out, in] tensors: one MatMul for fused projections (QKV, gate/up).
+
+        `role`: the tensor whose quantization applies (a tied head reads the table as the LM head).
+        """
+        stored = [self._storage(name, role) for name in names]
+        if any(s is not None for s in stored):
+            if any(s is None for s in stored):
+                raise UnsupportedError("projections fused into one MatMul must be all quantized or all float", field=names[0])
+            return self._quantized_matmul(names, out, scale, role)
         parts = [self.read(name) for name in names]
         fused = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         del parts
         if scale != 1.0:
             fused = fused * np.float32(scale)
-        return self.w.weight(out, np.ascontiguousarray(fused.T, dtype=self.dtype))
+        weight = self.w.weight(out, np.ascontiguousarray(fused.T, dtype=self.dtype))
+        return lambda x: self.w.op("MatMul", [x, weight])
+
+    def _quantized_matmul(self, names: list[str], out: str, scale: float, role: str | None) -> Projection:
+        layers = [scaled(self.quantizer.quantize(name, role), scale) for name in names]
+        fused = fuse(layers)
+        if fused is not None:
+            return self.quantized.linear(out, fused)
+        # Layouts differ (e.g. act-order GPTQ layers with their own channel orders): one MatMul each.
+        parts = [self.quantized.linear(f"{out}.{i}", layer) for i, layer in enumerate(layers)]
+        return lambda x: self.w.op("Concat", [part(x) for part in parts], axis=-1)
+
+    def table(self, name: str, *, out: str, scale: float = 1.0) -> Table:
+        if self._storage(name) is None:
+            return FloatTable(self.w, self.vector(name, scale, out=out))
+        return self.quantized.table(out, scaled(self.quantizer.quantize(name), scale))
+
+    def tied_head(self, table: Table, shared_float: bool) -> Projection:
+        """The LM head of a tied model: the table itself when stored alike, else its own copy."""
+        stored = self._storage(TABLE), self._storage(TABLE, HEAD)
+        if stored[0] == stored[1] and (stored[0] is not None or shared_float):
+            return table.head
+        return self.matmul([TABLE], out="lm_head", role=HEAD)
 
     def array(self, out: str, array: np.ndarray) -> str:
         return self.w.weight(out, np.ascontiguousarray(array, dtype=self.dtype))
@@ -68,8 +114,8 @@ class BuildContext:
     options: ExportOptions
 
 
-def linear(w: GraphWriter, x: str, weight: str) -> str:
-    return w.op("MatMul", [x, weight])
+def linear(w: GraphWriter, x: str, weight: Projection) -> str:
+    return weight(x)
 
 
 def split(w: GraphWriter, x: str, sizes: list[int], axis: int = -1) -> list[str]:
@@ -78,17 +124,17 @@ def split(w: GraphWriter, x: str, sizes: list[int], axis: int = -1) -> list[str]
 
 # ---- embedding and head ---------------------------------------------------------------------------------
 
-def embedding(ctx: BuildContext, ids: str) -> tuple[str, str]:
-    """Returns (hidden [1,S,H], table name). A tied table stays raw so the LM head can share it."""
+def embedding(ctx: BuildContext, ids: str) -> tuple[str, Table]:
+    """Returns (hidden [1,S,H], table). A tied table stays raw so the LM head can share it."""
     cfg, w = ctx.config, ctx.w
     if cfg.tie_word_embeddings:
-        table = ctx.weights.vector("model.embed_tokens.weight", out="embed_tokens")
-        hidden = w.op("Gather", [table, ids], axis=0)
+        table = ctx.weights.table(TABLE, out="embed_tokens")
+        hidden = table.gather(ids)
         if cfg.scale_emb != 1.0:
             hidden = w.op("Mul", [hidden, w.const(cfg.scale_emb, ctx.weights.dtype)])
         return hidden, table
-    table = ctx.weights.vector("model.embed_tokens.weight", cfg.scale_emb, out="embed_tokens")
-    return w.op("Gather", [table, ids], axis=0), table
+    table = ctx.weights.table(TABLE, scale=cfg.scale_emb, out="embed_tokens")
+    return table.gather(ids), table
 
 
 def last_position(w: GraphWriter, x: str) -> str:
@@ -96,18 +142,15 @@ def last_position(w: GraphWriter, x: str) -> str:
     return w.op("Gather", [x, w.const([-1])], axis=1)
 
 
-def final_logits(ctx: BuildContext, residual: str, branch: str, table: str) -> str:
+def final_logits(ctx: BuildContext, residual: str, branch: str, table: Table) -> str:
     """Final residual add + norm on the last position, then the LM head (1/logit_scale folded in the norm)."""
     cfg, w, low = ctx.config, ctx.w, ctx.lowering
     norm_w = ctx.weights.vector("model.norm.weight", 1.0 / cfg.logit_scale, out="final_norm")
     normed, _ = low.add_norm(last_position(w, residual), last_position(w, branch), norm_w, cfg.rms_norm_eps)
     flat = w.op("Reshape", [normed, w.const([1, cfg.hidden_size])])
     if not cfg.tie_word_embeddings:
-        return linear(w, flat, ctx.weights.matmul(["lm_head.weight"], out="lm_head"))
-    if ctx.options.tied_head == "shared":
-        # One table for Gather and head: Gemm reads it transposed. Saves V*H weights of memory.
-        return w.op("Gemm", [flat, table], transB=1)
-    return linear(w, flat, ctx.weights.matmul(["model.embed_tokens.weight"], out="lm_head"))
+        return linear(w, flat, ctx.weights.matmul([HEAD], out="lm_head"))
+    return linear(w, flat, ctx.weights.tied_head(table, ctx.options.tied_head == "shared"))
 
 
 # ---- feed-forward -------------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ class ExportOptions:
     # Tied embeddings: "shared" keeps one table (Gather + Gemm transB), "duplicate" stores a transposed copy
     # for the LM head MatMul (more memory; the faster layout on x86 onnxruntime, see README/benchmarks).
     tied_head: str = "duplicate"
+    # MatMulNBits' compute type (quantized exports, ort flavour): 4 = int8 activations, the fast CPU path
+    # (its error is part of the measured quality); 0 = the activation dtype, exact against a reference.
+    accuracy_level: int = 4
 
     @property
     def np_dtype(self) -> type:

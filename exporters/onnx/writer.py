@@ -25,7 +25,8 @@ IR_VERSION = 10  # what onnxruntime >= 1.20 loads
 
 ONNX_DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
                np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32,
-               np.dtype(np.bool_): TensorProto.BOOL}
+               np.dtype(np.bool_): TensorProto.BOOL, np.dtype(np.uint8): TensorProto.UINT8,
+               np.dtype(np.int8): TensorProto.INT8}
 
 
 class GraphWriter:
@@ -51,13 +52,24 @@ class GraphWriter:
         if array.nbytes <= INLINE_BYTES:
             self.initializers.append(numpy_helper.from_array(array, name))
             return name
+        return self._external(name, ONNX_DTYPES[array.dtype], array.shape, array)
+
+    def packed_weight(self, name: str, data_type: int, dims: tuple, raw: np.ndarray) -> str:
+        """An initializer whose element type numpy lacks (ONNX INT4): `raw` holds its packed bytes."""
+        raw = np.ascontiguousarray(raw, dtype=np.uint8)
+        if raw.nbytes <= INLINE_BYTES:
+            self.initializers.append(helper.make_tensor(name, data_type, list(dims), raw.tobytes(), raw=True))
+            return name
+        return self._external(name, data_type, dims, raw)
+
+    def _external(self, name: str, data_type: int, dims: tuple, array: np.ndarray) -> str:
         align = PAGE_ALIGN if array.nbytes >= 64 * 1024 else SMALL_ALIGN
         pad = (-self._offset) % align
         if pad:
             self._data.write(b"\0" * pad)
             self._offset += pad
         self._data.write(array.data)  # no bytes copy of a large tensor
-        tensor = TensorProto(name=name, data_type=ONNX_DTYPES[array.dtype], dims=array.shape)
+        tensor = TensorProto(name=name, data_type=data_type, dims=dims)
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.data_name), ("offset", str(self._offset)), ("length", str(array.nbytes))):
             entry = tensor.external_data.add()

@@ -1,0 +1,239 @@
+"""The one place that turns a QuantSpec (or a GPTQ checkpoint's own codes) into the weights an export writes.
+
+`WeightQuantizer.quantize(name)` returns the stored form of one weight, or None for a weight kept in the
+export precision. The exporter writes exactly what it returns, and `quantized_weights` dequantizes the
+same objects for parity tests, so "what the spec produces" has a single definition.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from edgecpm.errors import UnsupportedError
+from edgecpm.quant.formats import BlockQuantized, quantize_rtn, quantize_ternary
+from edgecpm.quant.gptq import GPTQLinear
+from edgecpm.quant.spec import QuantSpec, TensorQuant
+from edgecpm.quant.ternary import detect_ternary, pack_ternary_exact
+
+# A stored linear: codes in channel order `input_order` (None = natural order). Only GPTQ act-order
+# checkpoints carry an order, so GPTQ's record type is the general one.
+QuantizedLinear = GPTQLinear
+
+GPTQ_CHECKPOINT = "gptq-checkpoint"
+CALIBRATION_TOKENS = 2048  # the shipped calibration text is ~800 tokens; all of it is used
+# GPTQ damping (fraction of the mean Hessian diagonal). With fewer calibration rows than input channels
+# (SmolLM2 down_proj: K=1536, ~770 rows) H is rank-deficient and the paper's 0.01 overfits: held-out
+# output error went 0.083 (RTN) -> 0.114 (GPTQ); 1.0 gives 0.079. Wide-enough layers keep a light 0.1
+# (held-out 0.045 vs 0.050 at 0.01 and 0.068 for RTN, SmolLM2 q_proj).
+DAMPING_FULL_RANK, DAMPING_RANK_DEFICIENT = 0.1, 1.0
+MIN_BLOCK = 16  # MatMulNBits' smallest block
+
+
+class QuantizationWarning(UserWarning):
+    """A quantized export that is lossier than asked for (e.g. absmean ternary of non-ternary weights)."""
+
+
+def _ternary_block(spec_block: int, group: int) -> int:
+    """The largest power-of-two block <= spec_block dividing the detected group (lossless repacking)."""
+    block = spec_block
+    while block >= MIN_BLOCK and group % block:
+        block //= 2
+    return block
+
+
+def _integer(weight, name, tq, quantizer) -> tuple[BlockQuantized, str]:
+    inputs = quantizer.calibration.get(name)
+    if quantizer.spec.method == "gptq" and inputs is not None:
+        from edgecpm.quant.calibrate import gptq_quantize
+
+        damping = DAMPING_FULL_RANK if len(inputs) >= weight.shape[1] else DAMPING_RANK_DEFICIENT
+        return (gptq_quantize(weight, inputs, tq.bits, tq.block_size, symmetric=tq.symmetric,
+                              scale_dtype=quantizer.scale_dtype, damping=damping), f"{tq.scheme}-gptq")
+    return quantize_rtn(weight, tq.bits, tq.block_size, symmetric=tq.symmetric, scale_dtype=quantizer.scale_dtype), \
+        f"{tq.scheme}-rtn"
+
+
+def _ternary(weight, name, tq, quantizer) -> tuple[BlockQuantized, str]:
+    layout = detect_ternary(weight)
+    block = None if layout is None else _ternary_block(tq.block_size, layout.group_size)
+    if block is not None and block >= MIN_BLOCK:
+        packed = pack_ternary_exact(weight, layout, block)
+        scales = packed.scales.astype(quantizer.scale_dtype)
+        if np.array_equal(scales.astype(np.float32), packed.scales):  # bf16-born scales survive fp16 exactly
+            return replace(packed, scales=scales), "ternary-exact"
+    if quantizer.spec.method == "lossless":
+        raise UnsupportedError("is not ternary (no grouping of {-s, 0, +s} fits, or its scales do not fit the export "
+                               "dtype); --method lossless packs only BitCPM-style weights: use --method rtn to "
+                               "quantize it (lossy) or another --quant", field=name)
+    return quantize_ternary(weight, tq.block_size, scale_dtype=quantizer.scale_dtype), "ternary-absmean"
+
+
+SCHEMES: dict[str, Callable] = {"int8": _integer, "int4": _integer, "ternary": _ternary}
+
+
+@dataclass
+class WeightQuantizer:
+    spec: QuantSpec
+    read: Callable[[str], np.ndarray]  # float32 [N, K] of a checkpoint weight
+    prequantized: Mapping[str, Callable[[], GPTQLinear]] = field(default_factory=dict)
+    scale_dtype: np.dtype = np.dtype(np.float32)
+    calibration: Mapping[str, np.ndarray] = field(default_factory=dict)
+    written: dict[str, str] = field(default_factory=dict)  # name -> storage label, for the manifest
+
+    def storage(self, name: str, role: str | None = None) -> TensorQuant | None:
+        """`role`: the tensor whose spec applies (a tied LM head reads the table as "lm_head.weight")."""
+        if role is None and name in self.prequantized:
+            return TensorQuant("int4", self.spec.block_size, self.spec.symmetric)
+        return self.spec.for_tensor(role or name)
+
+    def quantize(self, name: str, role: str | None = None) -> QuantizedLinear | None:
+        label_name = name if role is None else role
+        if role is None and name in self.prequantized:
+            layer = self.prequantized[name]()
+            quantized = replace(layer.quantized, scales=layer.quantized.scales.astype(self.scale_dtype))
+            self.written[label_name] = GPTQ_CHECKPOINT
+            return QuantizedLinear(quantized, layer.input_order)
+        tq = self.storage(name, role)
+        if tq is None:
+            return None
+        quantized, label = SCHEMES[tq.scheme](self.read(name), name, tq, self)
+        self.written[label_name] = label
+        return QuantizedLinear(quantized, None)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(self.written.values()))
+
+    def check_lossless(self, names: Iterable[str]) -> None:
+        """--method lossless: every selected weight must be exactly ternary, checked before anything is written."""
+        for name in names:
+            tq = self.storage(name)
+            if tq is not None and tq.scheme == "ternary" and name not in self.prequantized:
+                SCHEMES["ternary"](self.read(name), name, tq, self)
+
+
+def fuse(parts: list[QuantizedLinear]) -> QuantizedLinear | None:
+    """Row-concatenation of projections reading one input; None when their layouts differ.
+
+    Blockwise quantization runs along the input dimension, so stacking output rows (and their scales
+    and zero points) is exact, provided block size, bits and input channel order agree.
+    """
+    first = parts[0]
+    same = all(p.quantized.bits == first.quantized.bits and p.quantized.block_size == first.quantized.block_size
+               and p.quantized.in_features == first.quantized.in_features
+               and _same_order(p.input_order, first.input_order) for p in parts)
+    if not same:
+        return None
+    if len(parts) == 1:
+        return first
+    q = first.quantized
+    cat = lambda attr: np.concatenate([getattr(p.quantized, attr) for p in parts], axis=0)  # noqa: E731
+    return QuantizedLinear(BlockQuantized(cat("codes"), cat("scales"), cat("zero_points"), q.bits, q.block_size,
+                                          q.in_features), first.input_order)
+
+
+def _same_order(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
+def scaled(layer: QuantizedLinear, scale: float) -> QuantizedLinear:
+    """Folds a constant (muP residual or embedding scale) into the block scales; the codes are kept."""
+    if scale == 1.0:
+        return layer
+    q = layer.quantized
+    scales = (q.scales.astype(np.float32) * np.float32(scale)).astype(q.scales.dtype)
+    return QuantizedLinear(replace(q, scales=scales), layer.input_order)
+
+
+def dequantized(layer: QuantizedLinear) -> np.ndarray:
+    """The float [N, K] weight in the checkpoint's channel order."""
+    weight = layer.quantized.dequantize().astype(np.float32)
+    if layer.input_order is None:
+        return weight
+    natural = np.empty_like(weight)
+    natural[:, layer.input_order] = weight
+    return natural
+
+
+# --- building a quantizer for a checkpoint -----------------------------------------------------------
+
+
+def checkpoint_spec(checkpoint, spec: QuantSpec | None) -> QuantSpec | None:
+    """GPTQ checkpoints export their own codes: the spec records them (int4, method gptq-checkpoint)."""
+    if not checkpoint.prequantized:
+        return spec
+    source = checkpoint.quantization or {}
+    requested = spec or QuantSpec()
+    if requested.scheme not in ("none", "int4"):
+        raise UnsupportedError(f"a GPTQ checkpoint is exported as its own int4 codes; --quant {requested.scheme} "
+                               "would re-quantize them", field="--quant")
+    return replace(requested, scheme="int4", method=GPTQ_CHECKPOINT, block_size=int(source.get("group_size", 128)),
+                   symmetric=bool(source.get("symmetric", True)))
+
+
+def check_flavour(checkpoint, spec: QuantSpec, flavour: str) -> None:
+    source = checkpoint.quantization or {}
+    if checkpoint.prequantized and flavour == "standard" and (source.get("act_order") or not source.get("symmetric", True)):
+        raise UnsupportedError("the standard flavour takes symmetric GPTQ checkpoints without act-order only "
+                               "(blocked DequantizeLinear has no zero points or channel order); use --flavour ort",
+                               path=checkpoint.path, field="quantization_config")
+    if spec.method == "gptq" and spec.scheme not in ("int4", "int8"):
+        raise UnsupportedError(f"--method gptq quantizes int4 or int8 weights, not {spec.scheme}", field="--method")
+    if spec.method == "lossless" and spec.scheme != "ternary":
+        raise UnsupportedError("--method lossless applies to --quant ternary (exact BitCPM packing)", field="--method")
+
+
+def calibration_inputs(checkpoint, spec: QuantSpec, max_tokens: int = CALIBRATION_TOKENS) -> dict[str, np.ndarray]:
+    """Inputs of every decoder linear the spec quantizes, from the fp32 reference on the calibration text."""
+    from edgecpm.models import reference_model
+    from edgecpm.quant.calibrate import calibration_text, record_linear_inputs
+    from edgecpm.text import TextTokenizer
+
+    tokenizer = checkpoint.tokenizer
+    facts = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "add_bos_token": tokenizer.add_bos_token}
+    ids = np.asarray(TextTokenizer.from_json(tokenizer.tokenizer_json, facts).encode(calibration_text())[:max_tokens])
+    names = [n for n in checkpoint.tensors if n.startswith("model.layers.") and spec.for_tensor(n) is not None]
+    return record_linear_inputs(reference_model(checkpoint), ids, names)
+
+
+def make_quantizer(checkpoint, spec: QuantSpec, scale_dtype=np.float32) -> WeightQuantizer:
+    calibration = calibration_inputs(checkpoint, spec) if spec.method == "gptq" else {}
+    quantizer = WeightQuantizer(spec, lambda name: checkpoint.tensors[name].numpy(np.float32), checkpoint.prequantized,
+                                np.dtype(scale_dtype), calibration)
+    if spec.method == "lossless":
+        quantizer.check_lossless(checkpoint.tensors)
+    return quantizer
+
+
+def quantized_weights(checkpoint, spec: QuantSpec, names: Iterable[str] | Mapping[str, str] | None = None,
+                      scale_dtype=np.float32) -> dict[str, np.ndarray]:
+    """Every checkpoint tensor as the export stores it (dequantized where quantized), for parity references.
+
+    `names`: the tensors the export quantized (the manifest's `quantization.tensors`); by default every
+    tensor the spec selects. A tied model's "lm_head.weight" entry is the head's view of the table.
+    """
+    spec = checkpoint_spec(checkpoint, spec)
+    quantizer = make_quantizer(checkpoint, spec, scale_dtype)
+    selected = list(names) if names is not None else [n for n in checkpoint.tensors if quantizer.storage(n) is not None]
+    weights = {name: ref.numpy(np.float32) for name, ref in checkpoint.tensors.items()}
+    for name in selected:
+        if name not in checkpoint.tensors:  # a tied head: the reference reads the table for both
+            if quantizer.storage("model.embed_tokens.weight") != quantizer.storage(name):
+                raise UnsupportedError("a tied reference model cannot hold a head stored unlike its table", field=name)
+            continue
+        weights[name] = dequantized(quantizer.quantize(name))
+    return weights
+
+
+def warn_if_lossy(quantizer: WeightQuantizer, quality: dict | None) -> None:
+    absmean = sum(1 for label in quantizer.written.values() if label == "ternary-absmean")
+    if not absmean:
+        return
+    measured = "" if quality is None else (f"; measured perplexity {quality['perplexity_increase']:+.1%}, "
+                                           f"mean KL {quality['mean_kl']:.4f}, top-1 agreement {quality['top1_agreement']:.1%}")
+    warnings.warn(f"{absmean} of {len(quantizer.written)} weights are not ternary and were quantized with absmean "
+                  f"ternary (lossy){measured}", QuantizationWarning, stacklevel=3)

@@ -1,0 +1,160 @@
+"""Quantized weights in the graph: how each flavour stores a block-quantized linear or embedding table.
+
+`ort`: com.microsoft MatMulNBits for linears (act-order inputs are permuted by a Gather first) and
+GatherBlockQuantized for tables. A table's packed codes are exactly MatMulNBits' B ([V, blocks, blob],
+blockwise along hidden), so a tied head reads the same initializer.
+`standard`: blocked DequantizeLinear (opset 21, INT4 or INT8, symmetric) feeding a MatMul; a table is
+one DequantizeLinear output [H, V] that both the Gather (axis 1) and a tied head MatMul read.
+
+Both hand back `Projection`s (x -> x @ W^T) and `Table`s, so builders never see the storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto
+
+from edgecpm.errors import UnsupportedError
+from edgecpm.exporters.onnx.writer import ORT_DOMAIN, GraphWriter
+from edgecpm.quant.formats import pack_int4_bytes, pack_matmul_nbits, to_dequantize_linear
+from edgecpm.quant.plan import QuantizedLinear
+
+Projection = Callable[[str], str]  # input name -> output name
+
+
+class Table:
+    """An embedding table: `gather(ids)` -> [1, S, H]; `head` -> the tied LM head over the same storage."""
+
+    def gather(self, ids: str) -> str:
+        raise NotImplementedError
+
+    def head(self, x: str) -> str:
+        raise NotImplementedError
+
+
+@dataclass
+class FloatTable(Table):
+    w: GraphWriter
+    name: str
+
+    def gather(self, ids):
+        return self.w.op("Gather", [self.name, ids], axis=0)
+
+    def head(self, x):
+        # One table for Gather and head: Gemm reads it transposed. Saves V*H weights of memory.
+        return self.w.op("Gemm", [x, self.name], transB=1)
+
+
+# --- ort: MatMulNBits / GatherBlockQuantized -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _NBits:
+    b: str
+    scales: str
+    zero_points: str | None
+    k: int
+    n: int
+    bits: int
+    block_size: int
+
+
+class OrtQuantized:
+    def __init__(self, w: GraphWriter, dtype: np.dtype, accuracy_level: int):
+        self.w, self.dtype, self.accuracy_level = w, dtype, accuracy_level
+
+    def _write(self, out: str, layer: QuantizedLinear) -> _NBits:
+        packed = pack_matmul_nbits(layer.quantized)
+        n, blocks = packed.out_features, packed.packed.shape[1]
+        b = self.w.weight(f"{out}.qweight", packed.packed)
+        # 2-D [N, blocks] scales: MatMulNBits takes them, and a table's Gather only needs an Unsqueeze.
+        scales = self.w.weight(f"{out}.scales", packed.scales.reshape(n, blocks).astype(self.dtype))
+        zeros = None if packed.zero_points is None else self.w.weight(f"{out}.qzeros", packed.zero_points)
+        return _NBits(b, scales, zeros, packed.in_features, n, packed.bits, packed.block_size)
+
+    def _matmul(self, x: str, s: _NBits) -> str:
+        inputs = [x, s.b, s.scales] + ([s.zero_points] if s.zero_points else [])
+        return self.w.op("MatMulNBits", inputs, domain=ORT_DOMAIN, K=s.k, N=s.n, bits=s.bits, block_size=s.block_size,
+                         accuracy_level=self.accuracy_level)
+
+    def linear(self, out: str, layer: QuantizedLinear) -> Projection:
+        stored = self._write(out, layer)
+        order = None if layer.input_order is None else self.w.weight(f"{out}.input_order", layer.input_order.astype(np.int64))
+
+        def apply(x: str) -> str:
+            if order is not None:  # act-order GPTQ: codes are stored in sorted-by-group channel order
+                x = self.w.op("Gather", [x, order], axis=-1)
+            return self._matmul(x, stored)
+        return apply
+
+    def table(self, out: str, layer: QuantizedLinear) -> Table:
+        return _OrtTable(self, self._write(out, layer))
+
+
+@dataclass
+class _OrtTable(Table):
+    ops: OrtQuantized
+    s: _NBits
+
+    def gather(self, ids):
+        w, s = self.ops.w, self.s
+        scales = w.op("Unsqueeze", [s.scales, w.const([2])])  # GatherBlockQuantized wants scales of B's rank
+        rows = w.op("GatherBlockQuantized", [s.b, ids, scales], domain=ORT_DOMAIN, gather_axis=0, quantize_axis=2,
+                    block_size=s.block_size, bits=s.bits)  # [1, S, blocks, block_size]
+        padded = -(-s.k // s.block_size) * s.block_size
+        hidden = w.op("Reshape", [rows, w.const([1, -1, padded])])
+        if padded == s.k:
+            return hidden
+        return w.op("Slice", [hidden, w.const([0]), w.const([s.k]), w.const([2])])
+
+    def head(self, x):
+        return self.ops._matmul(x, self.s)
+
+
+# --- standard: blocked DequantizeLinear + MatMul ------------------------------------------------------
+
+
+class StandardQuantized:
+    def __init__(self, w: GraphWriter, dtype: np.dtype, accuracy_level: int):
+        self.w, self.dtype = w, dtype
+
+    def _dequantized(self, out: str, layer: QuantizedLinear) -> str:
+        """W^T [K, N] as a DequantizeLinear output (blocked along K)."""
+        if layer.input_order is not None:
+            raise UnsupportedError("act-order weights need the ort flavour", field=out)
+        dq = to_dequantize_linear(layer.quantized)
+        k, n = dq.data.shape
+        writers = {4: lambda: self.w.packed_weight(f"{out}.qweight", TensorProto.INT4, (k, n),
+                                                   np.frombuffer(pack_int4_bytes(dq.data), np.uint8)),
+                   8: lambda: self.w.weight(f"{out}.qweight", dq.data)}
+        if dq.bits not in writers:
+            raise UnsupportedError(f"{dq.bits}-bit weights have no standard ONNX form; use --flavour ort", field=out)
+        data = writers[dq.bits]()
+        scales = self.w.weight(f"{out}.scales", dq.scales.astype(self.dtype))
+        return self.w.op("DequantizeLinear", [data, scales], axis=0, block_size=dq.block_size)
+
+    def linear(self, out: str, layer: QuantizedLinear) -> Projection:
+        weight = self._dequantized(out, layer)
+        return lambda x: self.w.op("MatMul", [x, weight])
+
+    def table(self, out: str, layer: QuantizedLinear) -> Table:
+        return _StandardTable(self.w, self._dequantized(out, layer))
+
+
+@dataclass
+class _StandardTable(Table):
+    w: GraphWriter
+    transposed: str  # [H, V]
+
+    def gather(self, ids):
+        columns = self.w.op("Gather", [self.transposed, ids], axis=1)  # [H, 1, S]
+        return self.w.op("Transpose", [columns], perm=[1, 2, 0])
+
+    def head(self, x):
+        return self.w.op("MatMul", [x, self.transposed])
+
+
+QUANTIZED_OPS: dict[str, type] = {"ort": OrtQuantized, "standard": StandardQuantized}

@@ -1,0 +1,280 @@
+"""Quantized export: every scheme against a reference built from exactly the weights the export wrote.
+
+Parity runs at accuracy_level 0 (MatMulNBits computes in the activation dtype), so the only difference
+between graph and reference is float summation order: FP32_ATOL as for float exports. The quality gate
+runs on QUALITY_TOKENS evaluation tokens to keep the suite quick.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgecpm.bundle import read_manifest
+from edgecpm.checkpoint import open_checkpoint
+from edgecpm.errors import QualityError, UnsupportedError
+from edgecpm.export import export_checkpoint
+from edgecpm.quant.plan import QuantizationWarning, make_quantizer, quantized_weights
+from edgecpm.quant.spec import QuantSpec
+from edgecpm.runtimes.onnxruntime import load_backend
+from gptq_writer import write_gptq_checkpoint
+from test_quant_formats import bitcpm_fake_quantized
+from tiny_models import TINY_CONFIGS, random_tensors, write_hf_checkpoint
+
+torch = pytest.importorskip("torch")
+
+FP32_ATOL = 1e-4
+PROMPT = np.array([5, 9, 11, 40, 7, 100, 3], dtype=np.int64)
+DECODE_STEPS = 10
+MAX_CONTEXT = 64
+QUALITY_TOKENS = 32
+KEYS = [("minicpm", "dense"), ("minicpm", "untied"), ("minicpm3", "mla"), ("llama", "dense")]
+SCHEMES = {"int4": QuantSpec("int4"), "int4-asym": QuantSpec("int4", symmetric=False), "int8": QuantSpec("int8"),
+           "int4-tables4": QuantSpec("int4", lm_head="int4", embeddings="int4")}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("quant_export")
+
+
+def export(source, out: Path, flavour="ort", **kwargs) -> Path:
+    kwargs.setdefault("accuracy_level", 0)
+    return export_checkpoint(source, out, flavour=flavour, max_context=MAX_CONTEXT, quality_tokens=QUALITY_TOKENS, **kwargs)
+
+
+def run_both(model, backend) -> float:
+    """Max |logit difference| over prefill + DECODE_STEPS greedy steps (the reference picks the tokens)."""
+    cache = model.new_cache()
+    with torch.no_grad():
+        ref = [model(torch.from_numpy(PROMPT)[None], cache)[0, -1].numpy()]
+        got = [backend.prefill(PROMPT)]
+        for _ in range(DECODE_STEPS):
+            token = int(ref[-1].argmax())
+            ref.append(model(torch.tensor([[token]]), cache)[0, -1].numpy())
+            got.append(backend.decode(token))
+    return max(float(np.abs(r - g).max()) for r, g in zip(ref, got))
+
+
+def reference_on(checkpoint, weights: dict):
+    from edgecpm.models import reference_class
+
+    model = reference_class(checkpoint.architecture.name)(checkpoint.config)
+    model.load_tensors(weights)
+    return model.eval()
+
+
+def parity(checkpoint_dir: Path, bundle: Path, spec: QuantSpec | None) -> float:
+    """The bundle against the reference on the dequantized weights named in its manifest."""
+    checkpoint = open_checkpoint(checkpoint_dir)
+    weights = quantized_weights(checkpoint, spec, read_manifest(bundle).quantization["tensors"])
+    return run_both(reference_on(checkpoint, weights), load_backend(bundle, threads=1))
+
+
+def _cases():
+    for key in KEYS:
+        for flavour in ("ort", "standard"):
+            for scheme, spec in SCHEMES.items():
+                try:
+                    spec.validate(flavour)
+                except UnsupportedError:
+                    continue
+                yield pytest.param(key, flavour, scheme, id=f"{'-'.join(key)}-{flavour}-{scheme}")
+
+
+@pytest.mark.parametrize("key,flavour,scheme", list(_cases()))
+def test_quantized_export_matches_reference_on_dequantized_weights(workdir, key, flavour, scheme):
+    checkpoint_dir = workdir / "-".join(key)
+    if not checkpoint_dir.exists():
+        write_hf_checkpoint(checkpoint_dir, key)
+    bundle = export(checkpoint_dir, workdir / f"{'-'.join(key)}-{flavour}-{scheme}", flavour, quant=SCHEMES[scheme])
+    assert parity(checkpoint_dir, bundle, SCHEMES[scheme]) <= FP32_ATOL
+    record = read_manifest(bundle).quantization
+    table = "int4" if scheme == "int4-tables4" else "int8"
+    assert record["tensors"]["model.embed_tokens.weight"] == f"{table}-rtn"
+    assert record["scheme"] == SCHEMES[scheme].scheme and record["model_bytes"] > 0
+    assert set(record["quality"]) >= {"perplexity", "reference_perplexity", "mean_kl", "top1_agreement",
+                                      "perplexity_increase"}
+
+
+def _graph(bundle: Path):
+    import onnx
+
+    return onnx.load(str(bundle / "model.onnx"))
+
+
+def test_tied_ort_head_shares_the_table_initializer(workdir):
+    key = ("minicpm", "dense")
+    bundle = workdir / f"{'-'.join(key)}-ort-int4"
+    if not bundle.exists():
+        pytest.skip("runs after the parity test that exports it")
+    graph = _graph(bundle).graph
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    heads = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == gather.input[0]]
+    assert len(heads) == 1  # the LM head reads the embedding's packed codes, no second copy
+    assert all(n.op_type != "MatMul" for n in graph.node)
+
+
+# --- BitCPM ternary ---------------------------------------------------------------------------------
+
+BITCPM = ("minicpm", "bitcpm")
+
+
+@pytest.fixture(scope="module")
+def bitcpm_checkpoint(workdir, monkeypatch_module) -> Path:
+    """hidden 128 so that group-64 scales differ from per-row ones; layers alternate the two."""
+    monkeypatch_module.setitem(TINY_CONFIGS, BITCPM, {**TINY_CONFIGS[("minicpm", "dense")], "hidden_size": 128,
+                                                      "intermediate_size": 192})
+    tensors = random_tensors(BITCPM)
+    for index, name in enumerate(sorted(tensors)):
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            tensors[name] = bitcpm_fake_quantized(tensors[name].shape, None if index % 2 else 64, seed=index)
+    return write_hf_checkpoint(workdir / "bitcpm", BITCPM, tensors=tensors, dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_bitcpm_lossless_ternary_equals_the_float_export(workdir, bitcpm_checkpoint):
+    spec = QuantSpec("ternary", method="lossless", lm_head="none", embeddings="none")
+    bundle = export(bitcpm_checkpoint, workdir / "bitcpm-ternary", quant=spec)
+    float_bundle = export(bitcpm_checkpoint, workdir / "bitcpm-fp32")
+    record = read_manifest(bundle).quantization
+    assert record["tensor_counts"] == {"ternary-exact": 14}
+    assert abs(record["quality"]["perplexity_increase"]) < 1e-4
+    ternary, dense = load_backend(bundle, threads=1), load_backend(float_bundle, threads=1)
+    diffs = [np.abs(ternary.prefill(PROMPT) - dense.prefill(PROMPT)).max()]
+    for token in range(20, 20 + DECODE_STEPS):
+        diffs.append(np.abs(ternary.decode(token) - dense.decode(token)).max())
+    assert max(diffs) <= FP32_ATOL
+    bits = {a.i for n in _graph(bundle).graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert bits == {2}
+    assert record["model_bytes"] < 0.5 * read_manifest(float_bundle).extra["model_bytes"]
+
+
+def test_lossless_ternary_of_dense_weights_fails_and_writes_nothing(workdir, tmp_path):
+    dense = write_hf_checkpoint(tmp_path / "dense", ("minicpm", "dense"))
+    with pytest.raises(UnsupportedError, match=r"model\.layers\.0\..*not ternary"):
+        export(dense, tmp_path / "out", quant=QuantSpec("ternary", method="lossless"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+
+
+def test_absmean_ternary_of_dense_weights_warns_with_the_measured_loss(tmp_path):
+    dense = write_hf_checkpoint(tmp_path / "dense", ("minicpm", "dense"))
+    with pytest.warns(QuantizationWarning, match=r"14 of 15 weights are not ternary.*perplexity [+-]\d"):
+        export(dense, tmp_path / "out", quant=QuantSpec("ternary"))
+    assert read_manifest(tmp_path / "out").quantization["tensor_counts"] == {"ternary-absmean": 14, "int8-rtn": 1}
+
+
+# --- GPTQ checkpoints --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("symmetric,act_order", [(True, False), (False, False), (False, True)])
+def test_gptq_checkpoint_exports_its_own_codes(tmp_path, symmetric, act_order):
+    from onnx import numpy_helper
+
+    from edgecpm.quant.formats import pack_matmul_nbits
+
+    source = tmp_path / "gptq"
+    write_gptq_checkpoint(source, ("minicpm", "dense"), group_size=32, symmetric=symmetric, act_order=act_order)
+    bundle = export(source, tmp_path / "bundle")
+    record = read_manifest(bundle).quantization
+    assert (record["scheme"], record["method"], record["block_size"]) == ("int4", "gptq-checkpoint", 32)
+    assert record["tensor_counts"]["gptq-checkpoint"] == 14
+    assert parity(source, bundle, None) <= FP32_ATOL
+    checkpoint = open_checkpoint(source)
+    stored = {t.name: numpy_helper.to_array(t, base_dir=str(bundle)) for t in _graph(bundle).graph.initializer}
+    o_proj = checkpoint.prequantized["model.layers.1.self_attn.o_proj.weight"]().quantized
+    assert np.array_equal(stored["model.layers.1.self_attn.o.qweight"], pack_matmul_nbits(o_proj).packed)
+    gathers = [n for n in _graph(bundle).graph.node if n.op_type == "Gather" and n.input[1].endswith("input_order")]
+    assert bool(gathers) == act_order
+
+
+def test_gptq_act_order_is_refused_for_standard(tmp_path):
+    write_gptq_checkpoint(tmp_path / "gptq", ("minicpm", "dense"), group_size=32, symmetric=True, act_order=True)
+    with pytest.raises(UnsupportedError, match="standard flavour"):
+        export(tmp_path / "gptq", tmp_path / "out", "standard")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gptq_method_beats_rtn_on_layer_outputs(tmp_path):
+    checkpoint = open_checkpoint(write_hf_checkpoint(tmp_path / "m", ("minicpm", "dense")))
+    gptq = make_quantizer(checkpoint, QuantSpec("int4", method="gptq"))
+    rtn = make_quantizer(checkpoint, QuantSpec("int4"))
+    errors = {"gptq": 0.0, "rtn": 0.0}
+    for name, inputs in gptq.calibration.items():
+        weight = checkpoint.tensors[name].numpy()
+        for label, quantizer in (("gptq", gptq), ("rtn", rtn)):
+            approx = quantizer.quantize(name).quantized.dequantize()
+            errors[label] += float(np.linalg.norm(inputs @ (weight - approx).T) / np.linalg.norm(inputs @ weight.T))
+    assert set(gptq.written.values()) == {"int4-gptq"}
+    assert errors["gptq"] < 0.95 * errors["rtn"]
+
+
+# --- the quality gate and bad input ----------------------------------------------------------------
+
+
+def test_quality_gate_limit_fails_and_leaves_no_bundle(tmp_path):
+    source = write_hf_checkpoint(tmp_path / "m", ("llama", "dense"))
+    spec = QuantSpec("int4", lm_head="int4", embeddings="int4")
+    measured = read_manifest(export(source, tmp_path / "ok", quant=spec)).quantization["quality"]["perplexity_increase"]
+    with pytest.raises(QualityError, match="exceeds the limit"):
+        export(source, tmp_path / "strict", quant=spec, max_ppl_increase=measured - 1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "ok"]
+
+
+def _cli(*args: str, capsys) -> tuple[int, str]:
+    from edgecpm.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--flavour", "standard", "--quant", "int4", "--asymmetric"], "asymmetric int4"),
+    (["--flavour", "standard", "--quant", "ternary"], "MatMulNBits"),
+    (["--quant", "int4", "--block-size", "48"], "block size 48"),
+    (["--quant", "int3"], "unknown scheme 'int3'"),
+    (["--quant", "int4", "--lm-head", "ternary"], "not a table format"),
+    (["--quant", "int4", "--method", "awq"], "unknown method"),
+    (["--quant", "int4", "--accuracy-level", "7"], "accuracy level 7"),
+])
+def test_bad_quant_options_are_one_line_errors(workdir, tmp_path, capsys, args, message):
+    source = workdir / "llama-dense"
+    if not source.exists():
+        write_hf_checkpoint(source, ("llama", "dense"))
+    code, err = _cli("export", str(source), "-o", str(tmp_path / "out"), "--max-context", "32", *args, capsys=capsys)
+    assert code == 1
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_quantized_export_and_inspect(workdir, tmp_path, capsys):
+    import json
+
+    source = workdir / "llama-dense"
+    if not source.exists():
+        write_hf_checkpoint(source, ("llama", "dense"))
+    out = tmp_path / "bundle"
+    code, _ = _cli("export", str(source), "-o", str(out), "--max-context", "32", "--quant", "int4", "--quality-tokens", "16",
+                   capsys=capsys)
+    assert code == 0
+    from edgecpm.cli import main
+
+    main(["inspect", str(out), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "bundle" and report["quantization"]["scheme"] == "int4"
+    assert report["quality"]["tokens"] == 15 and report["weight_bytes"] > 0
+    assert report["kv_bytes_per_token"] > 0 and report["max_context"] == 32
+    code, _ = _cli("run", str(out), "--prompt", "hi", "--max-new-tokens", "4", capsys=capsys)
+    assert code == 0
