@@ -28,6 +28,8 @@ import peers  # noqa: E402
 import prepare_weights  # noqa: E402
 from edgecpm_engine import peer_engine  # noqa: E402
 
+from edgecpm.quant import QuantSpec  # noqa: E402
+
 # Signature of an engine: (paths, prompt_ids, new_tokens=..., runs=..., threads=...) -> result dict (see peers.py).
 EngineFn = Callable[..., dict]
 
@@ -55,7 +57,7 @@ ENGINES: dict[str, dict[str, EngineFn]] = {
     "int4": {
         "onnxruntime-genai-int4": peers.run_ortgenai_int4,
         "llama.cpp-q4_0": peers.run_llama_cpp_q4_0,
-        # "edgecpm-int4": run_edgecpm_int4,   # <- edgecpm goes here
+        "edgecpm-int4-rtn": peer_engine("int4-rtn", flavour="ort", dtype="fp32", quant=QuantSpec(scheme="int4", block_size=32)),
     },
 }
 REFERENCE = {"fp32": "onnxruntime-genai-fp32", "int4": "onnxruntime-genai-int4"}

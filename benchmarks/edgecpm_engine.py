@@ -1,7 +1,7 @@
 """Decode/prefill throughput of an edgecpm bundle through the onnxruntime Backend (no generation loop).
 
     python benchmarks/edgecpm_engine.py BUNDLE [--prompt-tokens 100] [--new-tokens 128] [--repeats 3] [--threads N]
-                                               [--spin] [--prepack]
+                                               [--no-spin] [--no-prepack]
 
 `run_edgecpm` is what the peer comparison (benchmarks/bench_decode.py) calls: greedy decoding, timed
 separately for the prefill and for the decode steps (argmax included, as any generation loop pays it).
@@ -47,8 +47,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--spin", action="store_true", help="keep onnxruntime's intra-op spinning (dedicated machine)")
-    parser.add_argument("--prepack", action="store_true", help="prepack weights (faster prefill, slower decode)")
+    parser.add_argument("--no-spin", dest="spin", action="store_false", help="no intra-op spinning (shared machine)")
+    parser.add_argument("--no-prepack", dest="prepack", action="store_const", const=False, default=None,
+                        help="keep weights unpacked (default: the runtime's choice per flavour)")
     args = parser.parse_args()
     from edgecpm.runtimes.onnxruntime import load_backend
 

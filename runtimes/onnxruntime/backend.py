@@ -35,17 +35,16 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
-def session_options(threads: int | None, *, prepack: bool = False, spin: bool = False) -> ort.SessionOptions:
+def session_options(threads: int | None, *, prepack: bool = True, spin: bool = True) -> ort.SessionOptions:
     """ORT_ENABLE_ALL, sequential, `threads` intra-op threads (default: physical cores).
 
-    Weight prepacking is off by default: with packed B, MLAS runs every MatMul through its blocked GEMM,
-    which for M=1 (decode) streams weights ~2-3x slower than the dedicated M=1 kernel that unpacked
-    weights get (SmolLM2 lm_head, one thread: 16.6 ms -> 5.1 ms). Prefill (M>1)
-    loses ~10-15%; pass prepack=True for prompt-heavy workloads.
+    Weight prepacking (`prepack`): with one thread the unpacked M=1 kernel streams an fp32 lm_head faster
+    (SmolLM2, 16.6 ms -> 5.1 ms), but with two threads packed weights win overall and MatMulNBits needs
+    them for its int8-activation path; see load_backend.
 
-    Intra-op spinning is off by default: on a 2-core machine with any other busy process, spinning
-    workers fight for the cores and decode drops ~45% (SmolLM2, 2 threads, loaded: 9.5 -> 16.8 tok/s
-    without spinning). `spin=True` restores onnxruntime's default for a dedicated, idle machine.
+    Intra-op spinning (`spin`) saves a thread wake-up per op on an idle machine (SmolLM2 int4, 2 threads:
+    ~+10% decode); on a 2-core machine shared with other busy processes, spinning workers fight for the
+    cores and decode drops ~45%, so callers there pass spin=False.
     """
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
@@ -126,8 +125,8 @@ KV_CACHES = {"shared_buffer": _SharedBufferCache, "append": _AppendCache}
 class OnnxRuntimeBackend:
     """The `edgecpm.backend.Backend` protocol over one exported bundle."""
 
-    def __init__(self, model_path: Path, manifest: Manifest, *, threads: int | None = None, prepack: bool = False,
-                 spin: bool = False):
+    def __init__(self, model_path: Path, manifest: Manifest, *, threads: int | None = None, prepack: bool = True,
+                 spin: bool = True):
         self.max_context = int(manifest.max_context)
         self.vocab_size = int(manifest.architecture["vocab_size"])
         layout = manifest.kv_layout
