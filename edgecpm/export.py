@@ -7,6 +7,7 @@ into place after the last file is written, so a failed export leaves nothing beh
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,6 +136,9 @@ def export_checkpoint(source: str | Path | Checkpoint, out_dir: str | Path, *, f
     if spec is not None:
         spec.validate(flavour)
         check_flavour(checkpoint, spec, flavour)
+    if spec is not None and importlib.util.find_spec("torch") is None:
+        raise UnsupportedError("a quantized export measures its quality against the PyTorch reference; install torch "
+                               "(pip install 'edgecpm[reference]')", field="--quant")
     if max_ppl_increase is not None and spec is None:
         raise UnsupportedError("--max-ppl-increase needs a quantized export (--quant)", field="--max-ppl-increase")
     tokenizer = checkpoint.tokenizer
