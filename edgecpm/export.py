@@ -152,7 +152,7 @@ def export_checkpoint(source: str | Path | Checkpoint, out_dir: str | Path, *, f
     if spec is not None:
         # Checks (lossless ternary) and calibration (GPTQ) happen before the staging directory exists.
         say(f"preparing {spec.scheme} quantization ({spec.method}, block {spec.block_size})")
-        quantizer = make_quantizer(checkpoint, spec, options.np_dtype)
+        quantizer = make_quantizer(checkpoint, spec, options.np_dtype, flavour)
 
     with atomic_bundle_dir(out_dir, overwrite=overwrite) as staging:
         say(f"building the {flavour} graph ({precision}, max context {max_context})")

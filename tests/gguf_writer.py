@@ -21,7 +21,8 @@ from tiny_models import CHATML_TEMPLATE, SPECIAL_TOKENS, TINY_CONFIGS, VOCAB, by
 
 Q = gguf.GGMLQuantizationType
 FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
-              Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0}
+              Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+              Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1}
 
 HF_TO_GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}

@@ -38,7 +38,10 @@ def matmul_nbits_weight(quantized, dtype=np.float32) -> np.ndarray:
     inits = [numpy_helper.from_array(packed.packed, "B"), numpy_helper.from_array(packed.scales.astype(dtype), "S")]
     names = ["A", "B", "S"]
     if packed.zero_points is not None:
-        inits.append(numpy_helper.from_array(packed.zero_points, "Z"))
+        zeros = packed.zero_points
+        if np.issubdtype(zeros.dtype, np.floating):  # float zero points: [N, blocks] in the scales' type
+            zeros = zeros.reshape(n, -1).astype(dtype)
+        inits.append(numpy_helper.from_array(zeros, "Z"))
         names.append("Z")
     node = helper.make_node("MatMulNBits", names, ["Y"], domain="com.microsoft", K=k, N=n, bits=packed.bits,
                             block_size=packed.block_size, accuracy_level=0)

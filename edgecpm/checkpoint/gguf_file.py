@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,19 +143,23 @@ def open_gguf(path: Path) -> Checkpoint:
     config = architecture.parse_config(fields, frozenset(_hf_name(name, path) for name in raw_tensors))
     found: dict[str, TensorRef] = {}
     _check_dequantizable(raw_tensors.values(), path)
+    source: dict[str, GGUFBlocks] = {}
     for name, tensor in raw_tensors.items():
-        found |= _tensor_refs(name, tensor, path, config, architecture.gguf_permutes_qk)
+        found |= _tensor_refs(name, tensor, path, config, architecture.gguf_permutes_qk, source)
+    tensors = select_tensors(architecture, config, found, path)
     return Checkpoint(
         path=path,
         format="gguf",
         architecture=architecture,
         config=config,
-        tensors=select_tensors(architecture, config, found, path),
+        tensors=tensors,
         files=[path],
         load_tokenizer=lambda: _tokenizer(path, meta),
         has_tokenizer="tokenizer.ggml.tokens" in meta,
         has_chat_template="tokenizer.chat_template" in meta,
         quantization={"gguf_file_type": meta.get("general.file_type")},
+        # The file's own Q4_0/Q4_1/Q8_0 blocks: `--quant int4` exports them as stored (edgecpm.quant.plan).
+        prequantized={name: blocks for name, blocks in source.items() if name in tensors},
     )
 
 
@@ -218,7 +223,90 @@ def _unpermute(array: np.ndarray, heads: int) -> np.ndarray:
     return array.reshape(heads, rows // heads // 2, 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
 
 
-def _tensor_refs(name: str, tensor: Any, path: Path, config: Any, permuted: bool) -> dict[str, TensorRef]:
+# GGUF block types that are MatMulNBits blocks as stored (block 32 along the input dimension):
+# Q4_0 w = d*(q-8); Q4_1 w = d*q + m = (q - (-m/d))*d (a float zero point); Q8_0 w = d*q = ((q+128) - 128)*d.
+SOURCE_BLOCK = 32
+SOURCE_TYPES = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+
+
+@dataclass(frozen=True)
+class GGUFBlocks:
+    """Loader of one GGUF tensor's own blocks as BlockQuantized codes (Checkpoint.prequantized), never re-quantized.
+
+    `label` ("gguf-q4_1") is what the manifest records; `bits` and `float_zero_points` let the quantizer
+    decide without reading the data whether a flavour and a tensor's role can hold these blocks.
+    """
+
+    tensor: Any = field(repr=False)
+    path: Path
+    heads: int | None  # llama.cpp q/k row permutation to undo, as `_unpermute` does on the float view
+
+    @property
+    def qtype(self) -> str:
+        return self.tensor.tensor_type.name
+
+    @property
+    def label(self) -> str:
+        return f"gguf-{self.qtype.lower()}"
+
+    @property
+    def bits(self) -> int:
+        return SOURCE_TYPES[self.qtype]
+
+    @property
+    def float_zero_points(self) -> bool:
+        return self.qtype == "Q4_1"
+
+    def __call__(self) -> Any:
+        from edgecpm.quant.gptq import GPTQLinear
+
+        quantized = decode_blocks(self.tensor, self.path)
+        if self.heads is not None:
+            quantized = replace(quantized, codes=_unpermute(quantized.codes, self.heads),
+                                scales=_unpermute(quantized.scales, self.heads),
+                                zero_points=_unpermute(quantized.zero_points, self.heads))
+        return GPTQLinear(quantized, None)
+
+
+def decode_blocks(tensor: Any, path: Path) -> Any:
+    """A Q4_0 / Q4_1 / Q8_0 tensor's blocks (gguf-py quants.py layouts) as MatMulNBits codes, scales, zero points."""
+    from edgecpm.quant.formats import BlockQuantized, default_zero_point
+
+    qtype = tensor.tensor_type.name
+    rows, cols = (int(d) for d in reversed(tensor.shape))
+    try:
+        blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, cols // SOURCE_BLOCK, -1)
+    except ValueError:
+        raise CheckpointError(f"{qtype} tensor data does not hold {rows}x{cols} weights", path=path, field=tensor.name) from None
+    scales = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float32)
+    if qtype == "Q8_0":
+        codes = (np.ascontiguousarray(blocks[..., 2:]).view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        zeros = np.full(scales.shape, default_zero_point(8), dtype=np.uint8)
+    else:
+        packed = blocks[..., 4:] if qtype == "Q4_1" else blocks[..., 2:]
+        codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(np.uint8)  # low nibbles: elements 0..15
+        if qtype == "Q4_0":
+            zeros = np.full(scales.shape, default_zero_point(4), dtype=np.uint8)
+        else:
+            minimum = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
+            empty = scales == 0  # w = m for the whole block: one code over zero point 0 at scale m
+            safe = np.where(empty, 1, scales)
+            zeros = np.where(empty, 0, -minimum / safe).astype(np.float32)
+            codes = np.where(empty[..., None], np.uint8(1), codes).astype(np.uint8)
+            scales = np.where(empty, minimum, scales).astype(np.float32)
+    return BlockQuantized(codes.reshape(rows, cols), scales, zeros, SOURCE_TYPES[qtype], SOURCE_BLOCK, cols)
+
+
+def _source_blocks(tensor: Any, path: Path, heads: int | None) -> GGUFBlocks | None:
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    if tensor.tensor_type.name not in SOURCE_TYPES or len(shape) != 2 or shape[1] % SOURCE_BLOCK:
+        return None
+    return GGUFBlocks(tensor, path, heads)
+
+
+def _tensor_refs(name: str, tensor: Any, path: Path, config: Any, permuted: bool,
+                 source: dict[str, GGUFBlocks]) -> dict[str, TensorRef]:
+    """The float views of one GGUF tensor; Q4_0/Q4_1/Q8_0 weights also add their blocks to `source`."""
     shape = tuple(int(d) for d in reversed(tensor.shape))
     dtype = tensor.tensor_type.name
     base = TensorRef(name, shape, dtype, path, lambda: _dequantize(tensor, path))
@@ -232,10 +320,13 @@ def _tensor_refs(name: str, tensor: Any, path: Path, config: Any, permuted: bool
             for e in range(shape[0])
         }
     hf_name = _hf_name(name, path)
-    transform = None
+    transform = heads = None
     if permuted and hf_name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
         heads = config.num_attention_heads if hf_name.endswith("q_proj.weight") else config.num_key_value_heads
         transform = lambda array, heads=heads: _unpermute(array, heads)  # noqa: E731
+    blocks = _source_blocks(tensor, path, heads)
+    if blocks is not None:
+        source[hf_name] = blocks
     return {hf_name: base.renamed(hf_name, transform)}
 
 

@@ -19,7 +19,7 @@ from edgecpm.errors import UnsupportedError
 class BlockQuantized:
     codes: np.ndarray  # uint8 [N, K_padded], K_padded a multiple of block_size; padding codes equal the zero point
     scales: np.ndarray  # float [N, n_blocks]
-    zero_points: np.ndarray  # uint8 [N, n_blocks]
+    zero_points: np.ndarray  # uint8 [N, n_blocks], or float [N, n_blocks] (GGUF Q4_1: zp = -min/scale)
     bits: int
     block_size: int
     in_features: int  # K before padding
@@ -36,10 +36,19 @@ class BlockQuantized:
     def symmetric(self) -> bool:
         return bool(np.all(self.zero_points == default_zero_point(self.bits)))
 
+    @property
+    def float_zero_points(self) -> bool:
+        """Zero points off the integer grid (MatMulNBits takes them in the scales' float type, unpacked)."""
+        return bool(np.issubdtype(self.zero_points.dtype, np.floating))
+
     def dequantize(self) -> np.ndarray:
         codes = self.codes.reshape(self.out_features, self.n_blocks, self.block_size).astype(self.scales.dtype)
         zeros = self.zero_points.astype(self.scales.dtype)[:, :, None]
-        weight = (codes - zeros) * self.scales[:, :, None]
+        scales = self.scales[:, :, None]
+        if self.float_zero_points:  # onnxruntime's order for float zero points: q*s - zp*s (bit for bit)
+            weight = codes * scales - zeros * scales
+        else:
+            weight = (codes - zeros) * scales
         return weight.reshape(self.out_features, -1)[:, : self.in_features]
 
 
@@ -124,7 +133,9 @@ def unpack_low_first(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 class MatMulNBitsWeights:
     packed: np.ndarray  # uint8 [N, n_blocks, block_size * bits / 8]
     scales: np.ndarray  # [N * n_blocks]
-    zero_points: np.ndarray | None  # uint8 [N * ceil(n_blocks * bits / 8)], None when every zero point is the default
+    # uint8 [N * ceil(n_blocks * bits / 8)], or float [N * n_blocks] (not packed) for non-integer zero
+    # points; None when every zero point is the default
+    zero_points: np.ndarray | None
     bits: int
     block_size: int
     in_features: int
@@ -137,7 +148,12 @@ def pack_matmul_nbits(quantized: BlockQuantized) -> MatMulNBitsWeights:
     n, blocks = quantized.out_features, quantized.n_blocks
     codes = quantized.codes.reshape(n, blocks, quantized.block_size)
     packed = pack_low_first(codes, quantized.bits)
-    zero_points = None if quantized.symmetric else pack_low_first(quantized.zero_points, quantized.bits).reshape(-1)
+    if quantized.symmetric:
+        zero_points = None
+    elif quantized.float_zero_points:
+        zero_points = np.ascontiguousarray(quantized.zero_points.astype(quantized.scales.dtype).reshape(-1))
+    else:
+        zero_points = pack_low_first(quantized.zero_points, quantized.bits).reshape(-1)
     return MatMulNBitsWeights(packed, quantized.scales.reshape(-1), zero_points, quantized.bits, quantized.block_size,
                               quantized.in_features, n)
 
@@ -148,6 +164,8 @@ def unpack_matmul_nbits(weights: MatMulNBitsWeights) -> BlockQuantized:
     codes = unpack_low_first(weights.packed, bits, weights.block_size).reshape(n, -1)
     if weights.zero_points is None:
         zeros = np.full((n, blocks), default_zero_point(bits), dtype=np.uint8)
+    elif np.issubdtype(weights.zero_points.dtype, np.floating):
+        zeros = weights.zero_points.reshape(n, blocks)
     else:
         zeros = unpack_low_first(weights.zero_points.reshape(n, -1), bits, blocks)
     return BlockQuantized(codes, weights.scales.reshape(n, blocks), zeros, bits, weights.block_size, weights.in_features)
@@ -171,7 +189,7 @@ def to_dequantize_linear(quantized: BlockQuantized) -> DequantizeLinearWeights:
         raise UnsupportedError("blocked DequantizeLinear weights are written symmetric (no zero point)")
     if quantized.in_features % quantized.block_size:
         raise UnsupportedError(f"in_features {quantized.in_features} is not a multiple of block size {quantized.block_size}")
-    signed = quantized.codes.astype(np.int16) - default_zero_point(quantized.bits)
+    signed = quantized.codes.astype(np.int16) - default_zero_point(quantized.bits)  # symmetric: zp is the default
     return DequantizeLinearWeights(np.ascontiguousarray(signed.T.astype(np.int8)), np.ascontiguousarray(quantized.scales.T),
                                    quantized.bits, quantized.block_size)
 

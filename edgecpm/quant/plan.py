@@ -25,6 +25,8 @@ from edgecpm.quant.ternary import detect_ternary, pack_ternary_exact
 QuantizedLinear = GPTQLinear
 
 GPTQ_CHECKPOINT = "gptq-checkpoint"
+SOURCE = "source"  # a GGUF file's own Q4_0/Q4_1/Q8_0 blocks, exported as stored
+EMBEDDING_TABLE = "model.embed_tokens.weight"  # read by GatherBlockQuantized, which takes no zero points
 CALIBRATION_TOKENS = 2048  # the shipped calibration text is ~800 tokens; all of it is used
 # GPTQ damping (fraction of the mean Hessian diagonal). With fewer calibration rows than input channels
 # (SmolLM2 down_proj: K=1536, ~770 rows) H is rank-deficient and the paper's 0.01 overfits: held-out
@@ -84,6 +86,9 @@ class WeightQuantizer:
     scale_dtype: np.dtype = np.dtype(np.float32)
     calibration: Mapping[str, np.ndarray] = field(default_factory=dict)
     written: dict[str, str] = field(default_factory=dict)  # name -> storage label, for the manifest
+    # GGUF blocks (edgecpm.checkpoint.gguf_file.GGUFBlocks) used, where they fit, instead of quantizing.
+    source: Mapping[str, Callable[[], GPTQLinear]] = field(default_factory=dict)
+    float_zero_points: bool = True  # the flavour can hold non-integer zero points (ort MatMulNBits)
 
     def storage(self, name: str, role: str | None = None) -> TensorQuant | None:
         """`role`: the tensor whose spec applies (a tied LM head reads the table as "lm_head.weight")."""
@@ -91,8 +96,29 @@ class WeightQuantizer:
             return TensorQuant("int4", self.spec.block_size, self.spec.symmetric)
         return self.spec.for_tensor(role or name)
 
+    def source_blocks(self, name: str, role: str | None = None):
+        """The file's own blocks for `name`, when the spec quantizes it and they are at least as fine as asked.
+
+        A Q8_0 tensor under int4 stays int8 (exact, rather than re-quantized coarser); a Q4_x tensor under
+        int8 is re-quantized (RTN) as asked. Float zero points (Q4_1) need MatMulNBits: not for the
+        standard flavour nor for the embedding table (GatherBlockQuantized has no zero points).
+        """
+        blocks = self.source.get(name)
+        tq = None if blocks is None else self.spec.for_tensor(role or name)
+        if tq is None or blocks.bits < tq.bits:
+            return None
+        if blocks.float_zero_points and (not self.float_zero_points or name == EMBEDDING_TABLE):
+            return None
+        return blocks
+
     def quantize(self, name: str, role: str | None = None) -> QuantizedLinear | None:
         label_name = name if role is None else role
+        blocks = self.source_blocks(name, role)
+        if blocks is not None:
+            q = blocks().quantized
+            zeros = q.zero_points.astype(self.scale_dtype) if q.float_zero_points else q.zero_points
+            self.written[label_name] = blocks.label
+            return QuantizedLinear(replace(q, scales=q.scales.astype(self.scale_dtype), zero_points=zeros), None)
         if role is None and name in self.prequantized:
             layer = self.prequantized[name]()
             quantized = replace(layer.quantized, scales=layer.quantized.scales.astype(self.scale_dtype))
@@ -131,6 +157,10 @@ def fuse(parts: list[QuantizedLinear]) -> QuantizedLinear | None:
     if len(parts) == 1:
         return first
     q = first.quantized
+    if any(p.quantized.float_zero_points for p in parts):  # e.g. GGUF Q4_1 fused with RTN blocks: all float
+        dtype = next(p.quantized.zero_points.dtype for p in parts if p.quantized.float_zero_points)
+        parts = [QuantizedLinear(replace(p.quantized, zero_points=p.quantized.zero_points.astype(dtype)), p.input_order)
+                 for p in parts]
     cat = lambda attr: np.concatenate([getattr(p.quantized, attr) for p in parts], axis=0)  # noqa: E731
     return QuantizedLinear(BlockQuantized(cat("codes"), cat("scales"), cat("zero_points"), q.bits, q.block_size,
                                           q.in_features), first.input_order)
@@ -163,8 +193,16 @@ def dequantized(layer: QuantizedLinear) -> np.ndarray:
 
 
 def checkpoint_spec(checkpoint, spec: QuantSpec | None) -> QuantSpec | None:
-    """GPTQ checkpoints export their own codes: the spec records them (int4, method gptq-checkpoint)."""
+    """GPTQ checkpoints export their own codes: the spec records them (int4, method gptq-checkpoint).
+
+    A GGUF file with Q4_0/Q4_1/Q8_0 tensors asked for int4 (RTN) exports those tensors' own blocks
+    instead of re-quantizing them (method source); other methods and schemes are kept as asked.
+    """
     if not checkpoint.prequantized:
+        return spec
+    if checkpoint.format == "gguf":
+        if spec is not None and spec.scheme == "int4" and spec.method == "rtn":
+            return replace(spec, method=SOURCE)
         return spec
     source = checkpoint.quantization or {}
     requested = spec or QuantSpec()
@@ -177,7 +215,7 @@ def checkpoint_spec(checkpoint, spec: QuantSpec | None) -> QuantSpec | None:
 
 def check_flavour(checkpoint, spec: QuantSpec, flavour: str) -> None:
     source = checkpoint.quantization or {}
-    if checkpoint.prequantized and flavour == "standard" and (source.get("act_order") or not source.get("symmetric", True)):
+    if checkpoint.format != "gguf" and checkpoint.prequantized and flavour == "standard" and (source.get("act_order") or not source.get("symmetric", True)):
         raise UnsupportedError("the standard flavour takes symmetric GPTQ checkpoints without act-order only "
                                "(blocked DequantizeLinear has no zero points or channel order); use --flavour ort",
                                path=checkpoint.path, field="quantization_config")
@@ -200,24 +238,27 @@ def calibration_inputs(checkpoint, spec: QuantSpec, max_tokens: int = CALIBRATIO
     return record_linear_inputs(reference_model(checkpoint), ids, names)
 
 
-def make_quantizer(checkpoint, spec: QuantSpec, scale_dtype=np.float32) -> WeightQuantizer:
+def make_quantizer(checkpoint, spec: QuantSpec, scale_dtype=np.float32, flavour: str = "ort") -> WeightQuantizer:
     calibration = calibration_inputs(checkpoint, spec) if spec.method == "gptq" else {}
-    quantizer = WeightQuantizer(spec, lambda name: checkpoint.tensors[name].numpy(np.float32), checkpoint.prequantized,
-                                np.dtype(scale_dtype), calibration)
+    gguf = checkpoint.format == "gguf"
+    quantizer = WeightQuantizer(spec, lambda name: checkpoint.tensors[name].numpy(np.float32),
+                                {} if gguf else checkpoint.prequantized, np.dtype(scale_dtype), calibration,
+                                source=checkpoint.prequantized if gguf and spec.method == SOURCE else {},
+                                float_zero_points=flavour == "ort")
     if spec.method == "lossless":
         quantizer.check_lossless(checkpoint.tensors)
     return quantizer
 
 
 def quantized_weights(checkpoint, spec: QuantSpec, names: Iterable[str] | Mapping[str, str] | None = None,
-                      scale_dtype=np.float32) -> dict[str, np.ndarray]:
+                      scale_dtype=np.float32, flavour: str = "ort") -> dict[str, np.ndarray]:
     """Every checkpoint tensor as the export stores it (dequantized where quantized), for parity references.
 
     `names`: the tensors the export quantized (the manifest's `quantization.tensors`); by default every
     tensor the spec selects. A tied model's "lm_head.weight" entry is the head's view of the table.
     """
     spec = checkpoint_spec(checkpoint, spec)
-    quantizer = make_quantizer(checkpoint, spec, scale_dtype)
+    quantizer = make_quantizer(checkpoint, spec, scale_dtype, flavour)
     selected = list(names) if names is not None else [n for n in checkpoint.tensors if quantizer.storage(n) is not None]
     weights = {name: ref.numpy(np.float32) for name, ref in checkpoint.tensors.items()}
     for name in selected:

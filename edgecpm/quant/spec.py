@@ -13,7 +13,9 @@ from typing import Any
 from edgecpm.errors import UnsupportedError
 
 SCHEMES = ("none", "int8", "int4", "ternary")
-METHODS = ("rtn", "awq", "gptq", "lossless", "gptq-checkpoint")  # the last: codes taken from a GPTQ checkpoint
+# gptq-checkpoint: codes taken from a GPTQ checkpoint; source: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks where
+# they fit (chosen for `--quant int4` of such a file), RTN for its other tensors.
+METHODS = ("rtn", "awq", "gptq", "lossless", "gptq-checkpoint", "source")
 CLI_METHODS = ("rtn", "gptq", "lossless")
 TABLE_SCHEMES = ("int8", "int4", "none")  # lm_head / embeddings
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)

@@ -12,14 +12,14 @@ Both hand back `Projection`s (x -> x @ W^T) and `Table`s, so builders never see 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from onnx import TensorProto
 
 from edgecpm.errors import UnsupportedError
 from edgecpm.exporters.onnx.writer import ORT_DOMAIN, GraphWriter
-from edgecpm.quant.formats import pack_int4_bytes, pack_matmul_nbits, to_dequantize_linear
+from edgecpm.quant.formats import default_zero_point, pack_int4_bytes, pack_matmul_nbits, to_dequantize_linear
 from edgecpm.quant.plan import QuantizedLinear
 
 Projection = Callable[[str], str]  # input name -> output name
@@ -60,25 +60,52 @@ class _NBits:
     n: int
     bits: int
     block_size: int
+    offsets: str | None = None  # [blocks, N] per-block constants added after a symmetric MatMulNBits (float zero points)
+    block_sums: str | None = None  # [K, blocks] 0/1: x @ it = the sum of x over each block
 
 
 class OrtQuantized:
     def __init__(self, w: GraphWriter, dtype: np.dtype, accuracy_level: int):
         self.w, self.dtype, self.accuracy_level = w, dtype, accuracy_level
+        self._block_sums: dict[tuple[int, int], str] = {}
 
     def _write(self, out: str, layer: QuantizedLinear) -> _NBits:
-        packed = pack_matmul_nbits(layer.quantized)
+        quantized, offsets, block_sums = layer.quantized, None, None
+        if quantized.float_zero_points:
+            # Non-integer zero points (GGUF Q4_1). MatMulNBits accepts them, but onnxruntime 1.31's CPU kernel
+            # then takes a path ~25x slower at decode. Exact split instead: (q - zp)*s = (q - z0)*s + (z0 - zp)*s
+            # with z0 the default zero point, i.e. a symmetric MatMulNBits plus (x summed per block) @ offsets.
+            if quantized.in_features % quantized.block_size:
+                raise UnsupportedError("float zero points need whole blocks along the input", field=out)
+            z0 = default_zero_point(quantized.bits)
+            scales = quantized.scales.astype(np.float32)
+            offsets = self.w.weight(f"{out}.block_offsets",
+                                    np.ascontiguousarray(((z0 - quantized.zero_points.astype(np.float32)) * scales).T).astype(self.dtype))
+            block_sums = self._block_sum_matrix(quantized.in_features, quantized.block_size)
+            quantized = replace(quantized, zero_points=np.full(scales.shape, z0, dtype=np.uint8))
+        packed = pack_matmul_nbits(quantized)
         n, blocks = packed.out_features, packed.packed.shape[1]
         b = self.w.weight(f"{out}.qweight", packed.packed)
         # 2-D [N, blocks] scales: MatMulNBits takes them, and a table's Gather only needs an Unsqueeze.
         scales = self.w.weight(f"{out}.scales", packed.scales.reshape(n, blocks).astype(self.dtype))
         zeros = None if packed.zero_points is None else self.w.weight(f"{out}.qzeros", packed.zero_points)
-        return _NBits(b, scales, zeros, packed.in_features, n, packed.bits, packed.block_size)
+        return _NBits(b, scales, zeros, packed.in_features, n, packed.bits, packed.block_size, offsets, block_sums)
+
+    def _block_sum_matrix(self, k: int, block_size: int) -> str:
+        key = (k, block_size)
+        if key not in self._block_sums:
+            matrix = np.repeat(np.eye(k // block_size, dtype=self.dtype), block_size, axis=0)  # [K, blocks]
+            self._block_sums[key] = self.w.weight(f"block_sums.k{k}.b{block_size}", matrix)
+        return self._block_sums[key]
 
     def _matmul(self, x: str, s: _NBits) -> str:
         inputs = [x, s.b, s.scales] + ([s.zero_points] if s.zero_points else [])
-        return self.w.op("MatMulNBits", inputs, domain=ORT_DOMAIN, K=s.k, N=s.n, bits=s.bits, block_size=s.block_size,
-                         accuracy_level=self.accuracy_level)
+        y = self.w.op("MatMulNBits", inputs, domain=ORT_DOMAIN, K=s.k, N=s.n, bits=s.bits, block_size=s.block_size,
+                      accuracy_level=self.accuracy_level)
+        if s.offsets is None:
+            return y
+        sums = self.w.op("MatMul", [x, s.block_sums])  # [..., blocks]
+        return self.w.op("Add", [y, self.w.op("MatMul", [sums, s.offsets])])
 
     def linear(self, out: str, layer: QuantizedLinear) -> Projection:
         stored = self._write(out, layer)
