@@ -121,6 +121,7 @@ def test_other_schemes_and_methods_requantize(tmp_path):
 
     checkpoint = open_checkpoint(write_gguf(tmp_path / "m.gguf", ("llama", "dense"), qtype=Q.Q4_0).path)
     assert checkpoint_spec(checkpoint, QuantSpec("int4")).method == "source"
+    assert checkpoint_spec(checkpoint, QuantSpec("int4", method="rtn")).method == "rtn"  # explicit rtn re-quantizes
     assert checkpoint_spec(checkpoint, QuantSpec("int8")).method == "rtn"
     assert checkpoint_spec(checkpoint, QuantSpec("int4", method="gptq")).method == "gptq"
     int8 = make_quantizer(checkpoint, QuantSpec("int8", method="source"))

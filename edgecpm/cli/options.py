@@ -20,7 +20,8 @@ SYSTEM = typer.Option(None, "--system", help="A system message placed before the
 # Quantized export (export). Plain strings/ints, checked by QuantSpec.validate, so a bad value is the
 # same one-line error (exit 1) from the CLI and the Python API.
 QUANT = typer.Option("none", "--quant", help="Decoder weights: none, int8, int4 or ternary (BitCPM, ort flavour).")
-METHOD = typer.Option("rtn", "--method", help="rtn: round to nearest; gptq: calibrated int4/int8; lossless: exact "
+METHOD = typer.Option("auto", "--method", help="auto: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks where present, else rtn; "
+                      "rtn: round to nearest; gptq: calibrated int4/int8; source: the GGUF blocks; lossless: exact "
                       "ternary packing of BitCPM weights (fails on anything else).")
 BLOCK_SIZE = typer.Option(32, "--block-size", help="Weights per scale along the input dimension: 16, 32, 64 or 128.")
 ASYMMETRIC = typer.Option(False, "--asymmetric", help="Per-block zero points (int4/int8, ort flavour only).")

@@ -195,14 +195,14 @@ def dequantized(layer: QuantizedLinear) -> np.ndarray:
 def checkpoint_spec(checkpoint, spec: QuantSpec | None) -> QuantSpec | None:
     """GPTQ checkpoints export their own codes: the spec records them (int4, method gptq-checkpoint).
 
-    A GGUF file with Q4_0/Q4_1/Q8_0 tensors asked for int4 (RTN) exports those tensors' own blocks
-    instead of re-quantizing them (method source); other methods and schemes are kept as asked.
+    Method `auto` (the CLI default): a GGUF file with Q4_0/Q4_1/Q8_0 tensors asked for int4 exports those
+    tensors' own blocks instead of re-quantizing them (method source); anything else is round-to-nearest.
+    An explicit `rtn` always re-quantizes.
     """
-    if not checkpoint.prequantized:
-        return spec
-    if checkpoint.format == "gguf":
-        if spec is not None and spec.scheme == "int4" and spec.method == "rtn":
-            return replace(spec, method=SOURCE)
+    if spec is not None and spec.method == "auto":
+        gguf_blocks = checkpoint.format == "gguf" and checkpoint.prequantized and spec.scheme == "int4"
+        spec = replace(spec, method=SOURCE if gguf_blocks else "rtn")
+    if not checkpoint.prequantized or checkpoint.format == "gguf":
         return spec
     source = checkpoint.quantization or {}
     requested = spec or QuantSpec()

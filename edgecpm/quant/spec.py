@@ -15,8 +15,9 @@ from edgecpm.errors import UnsupportedError
 SCHEMES = ("none", "int8", "int4", "ternary")
 # gptq-checkpoint: codes taken from a GPTQ checkpoint; source: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks where
 # they fit (chosen for `--quant int4` of such a file), RTN for its other tensors.
-METHODS = ("rtn", "awq", "gptq", "lossless", "gptq-checkpoint", "source")
-CLI_METHODS = ("rtn", "gptq", "lossless")
+# auto: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks where they exist ("source"), round-to-nearest elsewhere.
+METHODS = ("auto", "rtn", "awq", "gptq", "lossless", "gptq-checkpoint", "source")
+CLI_METHODS = ("auto", "rtn", "gptq", "lossless", "source")
 TABLE_SCHEMES = ("int8", "int4", "none")  # lm_head / embeddings
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 BITS = {"none": 16, "int8": 8, "int4": 4, "ternary": 2}
@@ -43,7 +44,7 @@ class TensorQuant:
 @dataclass(frozen=True)
 class QuantSpec:
     scheme: str = "none"
-    method: str = "rtn"
+    method: str = "auto"
     block_size: int = 32
     symmetric: bool = True
     # lm_head and the embedding table are a large share of the bytes read per token on small models;
