@@ -168,9 +168,11 @@ class KVSession:
         return logits, len(prompt_ids) - reused
 
     def decode(self, token_id: int) -> np.ndarray:
-        held, self._tokens = self._tokens, None
+        held, self._tokens = self._tokens, None  # unknown until the step returns (Ctrl-C mid-step)
         logits = self.backend.decode(int(token_id))
-        self._tokens = [*held, int(token_id)] if held is not None else None
+        if held is not None:
+            held.append(int(token_id))  # in place: copying the history every token is quadratic
+        self._tokens = held
         return logits
 
     def reset(self) -> None:
