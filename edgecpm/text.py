@@ -43,6 +43,12 @@ class TextTokenizer:
                    add_bos_token=bool(facts.get("add_bos_token", False)))
 
     @classmethod
+    def from_checkpoint(cls, files) -> TextTokenizer:
+        """From a checkpoint's TokenizerFiles (export-time calibration and evaluation)."""
+        facts = {"bos_token": files.bos_token, "eos_token": files.eos_token, "add_bos_token": files.add_bos_token}
+        return cls.from_json(files.tokenizer_json, facts)
+
+    @classmethod
     def from_file(cls, path: str | Path, facts: Mapping[str, Any]) -> TextTokenizer:
         path = Path(path)
         try:

@@ -69,15 +69,10 @@ def greedy_chain(model, prompt_ids: list[int], steps: int) -> list[int]:
     return ids[len(prompt_ids):]
 
 
-def tokenizer_facts(files) -> dict:
-    """The manifest's `tokenizer` entry for a checkpoint's TokenizerFiles."""
-    return {"bos_token": files.bos_token, "eos_token": files.eos_token, "add_bos_token": files.add_bos_token}
-
-
 def text_tokenizer(files):
     from edgecpm.text import TextTokenizer
 
-    return TextTokenizer.from_json(files.tokenizer_json, tokenizer_facts(files))
+    return TextTokenizer.from_checkpoint(files)
 
 
 @contextlib.contextmanager

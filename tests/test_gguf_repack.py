@@ -16,6 +16,7 @@ import pytest
 from edgecpm.bundle import read_manifest
 from edgecpm.checkpoint import open_checkpoint
 from edgecpm.checkpoint.gguf_file import decode_blocks
+from edgecpm.models import reference_model
 from edgecpm.quant.formats import pack_matmul_nbits, unpack_matmul_nbits
 from edgecpm.quant.plan import make_quantizer
 from edgecpm.quant.spec import QuantSpec
@@ -25,7 +26,7 @@ from test_quant_formats import matmul_nbits_weight
 
 torch = pytest.importorskip("torch")
 
-from test_quant_export import FP32_ATOL, _graph, export, reference_on, run_both  # noqa: E402
+from test_quant_export import FP32_ATOL, _graph, export, run_both  # noqa: E402
 
 FLOAT_TABLES = {"lm_head": "none", "embeddings": "none"}
 
@@ -86,7 +87,7 @@ def test_gguf_blocks_export_losslessly(tmp_path, qtype, key, spec):
     assert set(record["tensors"].values()) == {label}
     assert record["tensor_counts"][label] >= 14
     checkpoint = open_checkpoint(written.path)
-    assert run_both(reference_on(checkpoint, _float_view(checkpoint)), load_backend(bundle, threads=1)) <= FP32_ATOL
+    assert run_both(reference_model(checkpoint, _float_view(checkpoint)), load_backend(bundle, threads=1)) <= FP32_ATOL
     stored = {t.name: numpy_helper.to_array(t, base_dir=str(bundle)) for t in _graph(bundle).graph.initializer}
     o_proj = checkpoint.prequantized["model.layers.1.self_attn.o_proj.weight"]().quantized
     assert np.array_equal(stored["model.layers.1.self_attn.o.qweight"], pack_matmul_nbits(o_proj).packed)

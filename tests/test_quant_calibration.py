@@ -6,7 +6,7 @@ import numpy as np
 
 from edgecpm.checkpoint import open_checkpoint
 from edgecpm.models import reference_model
-from edgecpm.quant.calibrate import calibration_text, gptq_quantize, record_linear_inputs
+from edgecpm.quant.calibrate import accumulate_hessians, calibration_sequences, calibration_text, gptq_quantize
 from edgecpm.quant.formats import quantize_rtn
 from edgecpm.quant.quality import compare, evaluation_text
 from tiny_models import write_hf_checkpoint
@@ -24,28 +24,45 @@ def test_gptq_lowers_output_error_on_correlated_inputs():
     weight = rng.standard_normal((64, 128)).astype(np.float32)
     for symmetric in (True, False):
         rtn = quantize_rtn(weight, 4, 32, symmetric=symmetric)
-        gptq = gptq_quantize(weight, inputs, 4, 32, symmetric=symmetric)
-        assert np.array_equal(gptq.scales, rtn.scales) and np.array_equal(gptq.zero_points, rtn.zero_points)
-        assert relative_output_error(inputs, weight, gptq) < 0.8 * relative_output_error(inputs, weight, rtn)
+        for act_order in (True, False):
+            gptq = gptq_quantize(weight, inputs.T @ inputs, 4, 32, symmetric=symmetric, act_order=act_order)
+            assert np.array_equal(gptq.scales, rtn.scales) and np.array_equal(gptq.zero_points, rtn.zero_points)
+            assert relative_output_error(inputs, weight, gptq) < 0.8 * relative_output_error(inputs, weight, rtn)
 
 
-def test_recorded_inputs_are_the_layer_inputs(tmp_path):
+def test_hessians_are_the_weighted_layer_input_moments(tmp_path):
     import torch
 
     checkpoint = open_checkpoint(write_hf_checkpoint(tmp_path / "m", ("minicpm", "dense")))
     model = reference_model(checkpoint)
-    ids = np.arange(5, 40)
+    sequences = calibration_sequences(np.arange(5, 70), length=16)
+    assert [len(s) for s in sequences] == [16] * 4 and sequences[1][0] == 21
     names = [n for n in checkpoint.tensors if n.endswith("proj.weight")]
-    inputs = record_linear_inputs(model, ids, names)
-    assert set(inputs) == set(names)
+    kv = checkpoint.architecture.kv_projections
+    hessians = accumulate_hessians(model, sequences, names, kv)
+    assert set(hessians) == set(names)
+
+    # Independently: every linear's input rows per sequence, from pre-hooks.
+    inputs = {name: [] for name in names}
+    handles = [model.get_submodule(name.removesuffix(".weight")).register_forward_pre_hook(
+        lambda module, args, name=name: inputs[name].append(args[0].reshape(-1, args[0].shape[-1]).numpy().copy()))
+        for name in names]
+    with torch.no_grad():
+        for ids in sequences:
+            model(torch.from_numpy(ids)[None], model.new_cache())
+    for handle in handles:
+        handle.remove()
     for name in names:
-        module = model.get_submodule(name.removesuffix(".weight"))
-        assert inputs[name].shape == (len(ids), module.in_features)
-        with torch.no_grad():
-            out = module(torch.from_numpy(inputs[name])).numpy()
-        assert np.allclose(out, inputs[name] @ checkpoint.tensors[name].numpy().T, atol=1e-5)
-    # q/k/v read one activation: one array, not three copies.
-    assert inputs[names[0]] is inputs[names[1]]
+        sink_weight = 8.0 if name.removesuffix(".weight").endswith(kv) else 1.0  # half of the 16-token sequence
+        weights = np.concatenate([[sink_weight] + [1.0] * 15 for _ in sequences])
+        x = np.concatenate(inputs[name]).astype(np.float64)
+        expected = (x * weights[:, None]).T @ x / weights.sum()
+        assert hessians[name].rows == 64
+        assert np.allclose(hessians[name].matrix, expected, rtol=1e-4, atol=1e-6), name
+    layer = "model.layers.0.self_attn."
+    # k and v read one activation with one weighting: one matrix; q reads it unweighted.
+    assert hessians[layer + "k_proj.weight"] is hessians[layer + "v_proj.weight"]
+    assert hessians[layer + "q_proj.weight"] is not hessians[layer + "k_proj.weight"]
 
 
 def test_quality_metrics_match_their_definitions():
@@ -70,5 +87,5 @@ def test_quality_metrics_match_their_definitions():
 
 def test_shipped_texts_are_distinct_and_substantial():
     calibration, evaluation = calibration_text(), evaluation_text()
-    assert len(calibration) > 2000 and len(evaluation) > 2000
+    assert len(calibration) > 15000 and len(evaluation) > 8000
     assert not set(calibration.split("\n\n")) & set(evaluation.split("\n\n"))

@@ -201,6 +201,9 @@ class Architecture:
     gguf_permutes_qk: bool
     reference_model: str
     variants: Mapping[str, str] = field(default_factory=dict)
+    # Linears whose outputs become cached keys/values (by module-name suffix): every later query reads
+    # the first position's (the attention sink's), so calibration weights that row up.
+    kv_projections: tuple[str, ...] = ("self_attn.k_proj", "self_attn.v_proj")
 
     registry: ClassVar[dict[str, Architecture]] = {}
 

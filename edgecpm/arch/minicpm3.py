@@ -111,5 +111,6 @@ register(
         gguf_permutes_qk=False,
         reference_model="edgecpm.models.minicpm3:MiniCPM3ForCausalLM",
         variants={"mla": "MiniCPM3-4B: q_lora + latent KV, LongRoPE", "mla_no_q_lora": "q_lora_rank null: dense q_proj"},
+        kv_projections=("self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj"),
     )
 )

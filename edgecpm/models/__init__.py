@@ -13,9 +13,12 @@ Importing this package imports torch; the runtime never does.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from edgecpm.checkpoint import Checkpoint
 
 
@@ -26,9 +29,10 @@ def reference_class(architecture_name: str):
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def reference_model(checkpoint: Checkpoint):
-    """Builds the architecture's reference module and loads every tensor (fp32)."""
+def reference_model(checkpoint: Checkpoint, weights: Mapping[str, np.ndarray] | None = None):
+    """Builds the architecture's reference module and loads every checkpoint tensor (fp32), or `weights`
+    (e.g. the dequantized weights of a quantized export) in their place."""
     cls = reference_class(checkpoint.architecture.name)
     model = cls(checkpoint.config)
-    model.load_tensors({name: ref.numpy() for name, ref in checkpoint.tensors.items()})
+    model.load_tensors(weights if weights is not None else {name: ref.numpy() for name, ref in checkpoint.tensors.items()})
     return model.eval()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from edgecpm.errors import UnsupportedError
+from edgecpm.quant.calibrate import Hessian
 from edgecpm.quant.formats import BlockQuantized, quantize_rtn, quantize_ternary
 from edgecpm.quant.gptq import GPTQLinear
 from edgecpm.quant.spec import QuantSpec, TensorQuant
@@ -27,11 +28,10 @@ QuantizedLinear = GPTQLinear
 GPTQ_CHECKPOINT = "gptq-checkpoint"
 SOURCE = "source"  # a GGUF file's own Q4_0/Q4_1/Q8_0 blocks, exported as stored
 EMBEDDING_TABLE = "model.embed_tokens.weight"  # read by GatherBlockQuantized, which takes no zero points
-CALIBRATION_TOKENS = 2048  # the shipped calibration text is ~800 tokens; all of it is used
+CALIBRATION_TOKENS = 8192  # the shipped calibration text is ~4k tokens (SmolLM2 tokenizer); all of it is used
 # GPTQ damping (fraction of the mean Hessian diagonal). With fewer calibration rows than input channels
-# (SmolLM2 down_proj: K=1536, ~770 rows) H is rank-deficient and the paper's 0.01 overfits: held-out
-# output error went 0.083 (RTN) -> 0.114 (GPTQ); 1.0 gives 0.079. Wide-enough layers keep a light 0.1
-# (held-out 0.045 vs 0.050 at 0.01 and 0.068 for RTN, SmolLM2 q_proj).
+# H is rank-deficient and the paper's 0.01 overfits (SmolLM2 down_proj, K=1536 from 770 rows: held-out
+# output error 0.083 for RTN -> 0.114); 1.0 gives 0.079. Full-rank layers keep a light 0.1.
 DAMPING_FULL_RANK, DAMPING_RANK_DEFICIENT = 0.1, 1.0
 MIN_BLOCK = 16  # MatMulNBits' smallest block
 
@@ -49,12 +49,12 @@ def _ternary_block(spec_block: int, group: int) -> int:
 
 
 def _integer(weight, name, tq, quantizer) -> tuple[BlockQuantized, str]:
-    inputs = quantizer.calibration.get(name)
-    if quantizer.spec.method == "gptq" and inputs is not None:
+    hessian = quantizer.calibration.get(name)
+    if quantizer.spec.method == "gptq" and hessian is not None:
         from edgecpm.quant.calibrate import gptq_quantize
 
-        damping = DAMPING_FULL_RANK if len(inputs) >= weight.shape[1] else DAMPING_RANK_DEFICIENT
-        return (gptq_quantize(weight, inputs, tq.bits, tq.block_size, symmetric=tq.symmetric,
+        damping = DAMPING_FULL_RANK if hessian.rows >= weight.shape[1] else DAMPING_RANK_DEFICIENT
+        return (gptq_quantize(weight, hessian.matrix, tq.bits, tq.block_size, symmetric=tq.symmetric,
                               scale_dtype=quantizer.scale_dtype, damping=damping), f"{tq.scheme}-gptq")
     return quantize_rtn(weight, tq.bits, tq.block_size, symmetric=tq.symmetric, scale_dtype=quantizer.scale_dtype), \
         f"{tq.scheme}-rtn"
@@ -84,7 +84,7 @@ class WeightQuantizer:
     read: Callable[[str], np.ndarray]  # float32 [N, K] of a checkpoint weight
     prequantized: Mapping[str, Callable[[], GPTQLinear]] = field(default_factory=dict)
     scale_dtype: np.dtype = np.dtype(np.float32)
-    calibration: Mapping[str, np.ndarray] = field(default_factory=dict)
+    calibration: Mapping[str, Hessian] = field(default_factory=dict)  # GPTQ input statistics per weight
     written: dict[str, str] = field(default_factory=dict)  # name -> storage label, for the manifest
     # GGUF blocks (edgecpm.checkpoint.gguf_file.GGUFBlocks) used, where they fit, instead of quantizing.
     source: Mapping[str, Callable[[], GPTQLinear]] = field(default_factory=dict)
@@ -225,21 +225,20 @@ def check_flavour(checkpoint, spec: QuantSpec, flavour: str) -> None:
         raise UnsupportedError("--method lossless applies to --quant ternary (exact BitCPM packing)", field="--method")
 
 
-def calibration_inputs(checkpoint, spec: QuantSpec, max_tokens: int = CALIBRATION_TOKENS) -> dict[str, np.ndarray]:
-    """Inputs of every decoder linear the spec quantizes, from the fp32 reference on the calibration text."""
+def calibration_hessians(checkpoint, spec: QuantSpec, max_tokens: int = CALIBRATION_TOKENS) -> dict[str, Hessian]:
+    """Input statistics of every decoder linear the spec quantizes, from the fp32 reference on the calibration text."""
     from edgecpm.models import reference_model
-    from edgecpm.quant.calibrate import calibration_text, record_linear_inputs
+    from edgecpm.quant.calibrate import accumulate_hessians, calibration_sequences, calibration_text
     from edgecpm.text import TextTokenizer
 
-    tokenizer = checkpoint.tokenizer
-    facts = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "add_bos_token": tokenizer.add_bos_token}
-    ids = np.asarray(TextTokenizer.from_json(tokenizer.tokenizer_json, facts).encode(calibration_text())[:max_tokens])
+    ids = np.asarray(TextTokenizer.from_checkpoint(checkpoint.tokenizer).encode(calibration_text())[:max_tokens])
     names = [n for n in checkpoint.tensors if n.startswith("model.layers.") and spec.for_tensor(n) is not None]
-    return record_linear_inputs(reference_model(checkpoint), ids, names)
+    return accumulate_hessians(reference_model(checkpoint), calibration_sequences(ids), names,
+                               checkpoint.architecture.kv_projections)
 
 
 def make_quantizer(checkpoint, spec: QuantSpec, scale_dtype=np.float32, flavour: str = "ort") -> WeightQuantizer:
-    calibration = calibration_inputs(checkpoint, spec) if spec.method == "gptq" else {}
+    calibration = calibration_hessians(checkpoint, spec) if spec.method == "gptq" else {}
     gguf = checkpoint.format == "gguf"
     quantizer = WeightQuantizer(spec, lambda name: checkpoint.tensors[name].numpy(np.float32),
                                 {} if gguf else checkpoint.prequantized, np.dtype(scale_dtype), calibration,

@@ -1,6 +1,6 @@
 """The quality gate: perplexity and mean KL divergence of a quantized bundle against the fp32 reference.
 
-Both are measured on `edgecpm/data/evaluation.txt` (shipped, never downloaded). The quantized side runs
+Both are measured on `edgecpm/data/evaluation*.txt` (shipped, never downloaded). The quantized side runs
 through the real exported graph on its runtime backend, token by token, so kernel effects (int8
 activations at accuracy level 4, fp16 accumulation) are part of the number.
 """
@@ -8,13 +8,13 @@ activations at accuracy level 4, fp16 accumulation) are part of the number.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from importlib import resources
 
 import numpy as np
 
 from edgecpm.backend import Backend
+from edgecpm.resources import shipped_text
 
-MAX_EVAL_TOKENS = 384
+EVALUATION_FILES = ("evaluation.txt", "evaluation_extra.txt")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class QualityReport:
 
 
 def evaluation_text() -> str:
-    return resources.files("edgecpm.data").joinpath("evaluation.txt").read_text(encoding="utf-8")
+    return shipped_text(*EVALUATION_FILES)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
