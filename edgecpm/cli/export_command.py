@@ -51,7 +51,7 @@ def export(
     embeddings: str = EMBEDDINGS,
     accuracy_level: int = ACCURACY_LEVEL,
     max_ppl_increase: float = MAX_PPL_INCREASE,
-    quality_tokens: int = QUALITY_TOKENS,
+    quality_tokens: int | None = QUALITY_TOKENS,
 ) -> None:
     """Export a checkpoint to a bundle for `edgecpm run` and `edgecpm chat`."""
     from edgecpm.errors import UnsupportedError
@@ -65,5 +65,5 @@ def export(
     checkpoint = resolve_checkpoint(source, download=download)
     export_with_progress(checkpoint, out, flavour=flavour, dtype=dtype, max_context=max_context, overwrite=overwrite,
                          quant=spec, max_ppl_increase=max_ppl_increase, accuracy_level=accuracy_level,
-                         quality_tokens=quality_tokens)
+                         **({} if quality_tokens is None else {"quality_tokens": quality_tokens}))
     typer.echo(f"wrote {out}")

@@ -31,7 +31,8 @@ ACCURACY_LEVEL = typer.Option(4, "--accuracy-level", help="MatMulNBits compute (
                               "CPU; 0 = activation dtype, exact.")
 MAX_PPL_INCREASE = typer.Option(None, "--max-ppl-increase", help="Fail (and write nothing) if the quality gate measures "
                                 "a larger relative perplexity increase, e.g. 0.05 for +5%.")
-QUALITY_TOKENS = typer.Option(256, "--quality-tokens", min=2, help="Evaluation tokens the quality gate runs.")
+QUALITY_TOKENS = typer.Option(None, "--quality-tokens", min=2, help="Evaluation tokens the quality gate runs "
+                              "(default: edgecpm.export.QUALITY_TOKENS, capped at --max-context).", show_default=False)
 
 # Sampling and stopping (run, chat).
 MAX_NEW_TOKENS = typer.Option(None, "--max-new-tokens", help="Most tokens to generate (default: 256).")
