@@ -34,7 +34,7 @@ MAX_CONTEXT = 64
 QUALITY_TOKENS = 32
 KEYS = [("minicpm", "dense"), ("minicpm", "untied"), ("minicpm3", "mla"), ("llama", "dense")]
 SCHEMES = {"int4": QuantSpec("int4"), "int4-asym": QuantSpec("int4", symmetric=False), "int8": QuantSpec("int8"),
-           "int4-tables4": QuantSpec("int4", lm_head="int4", embeddings="int4")}
+           "int4-tables4": QuantSpec("int4", lm_head="int4", embeddings="int4"), "int4-gptq": QuantSpec("int4", method="gptq")}
 
 
 @pytest.fixture(scope="module")
