@@ -53,14 +53,14 @@ def accumulate_hessians(model, sequences: Iterable[np.ndarray], weight_names: It
                         kv_projections: Sequence[str] = ()) -> dict[str, Hessian]:
     """Runs the reference once per sequence (fresh cache each) and accumulates every named linear's H.
 
-    Linears reading the same activation with the same row weights (q with q, k with v, gate with up)
-    share one matrix.
+    Linears reading the same activation with the same row weights (k with v, gate with up) share one
+    matrix.
     """
     import torch
 
     wanted = {name.removesuffix(".weight") for name in weight_names}
     sink_weighted = {name for name in wanted if name.endswith(tuple(kv_projections))}
-    groups: dict[str, tuple] = {}  # module name -> (activation identity, sink weighted) in the first pass
+    groups: dict[str, tuple] = {}  # module name -> (first module reading its activation, sink weighted)
     sums: dict[tuple, list] = {}  # group -> [Σ w xxᵀ, Σ w, rows]
     seen: dict[tuple, tuple] = {}  # this pass: (id(activation), weighted) -> group; keeps the tensor alive
     handles = []
