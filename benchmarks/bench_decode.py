@@ -58,6 +58,10 @@ ENGINES: dict[str, dict[str, EngineFn]] = {
         "onnxruntime-genai-int4": peers.run_ortgenai_int4,
         "llama.cpp-q4_0": peers.run_llama_cpp_q4_0,
         "edgecpm-int4-rtn": peer_engine("int4-rtn", flavour="ort", dtype="fp32", quant=QuantSpec(scheme="int4", block_size=32)),
+        # onnxruntime-genai's own layout: the embedding table and LM head at int4 too
+        "edgecpm-int4-rtn-int4-head": peer_engine("int4-rtn-int4-head", flavour="ort", dtype="fp32",
+                                                  quant=QuantSpec(scheme="int4", block_size=32, lm_head="int4",
+                                                                  embeddings="int4")),
         "edgecpm-int4-gptq": peer_engine("int4-gptq", flavour="ort", dtype="fp32",
                                          quant=QuantSpec(scheme="int4", method="gptq", block_size=32)),
         "edgecpm-int4-gptq-b64": peer_engine("int4-gptq-b64", flavour="ort", dtype="fp32",
