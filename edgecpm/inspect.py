@@ -69,7 +69,7 @@ def describe_bundle(bundle) -> dict[str, Any]:
     return {
         "kind": "bundle",
         "path": str(bundle),
-        "architecture": manifest.architecture.get("model_type", "?"),
+        "architecture": manifest.architecture["architecture"],
         "flavour": manifest.flavour,
         "precision": manifest.precision,
         "quantization": quantization or "none",

@@ -268,6 +268,7 @@ def test_cli_quantized_export_and_inspect(workdir, tmp_path, capsys):
     main(["inspect", str(out), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert report["kind"] == "bundle" and report["quantization"]["scheme"] == "int4"
+    assert report["architecture"] == "llama"
     assert report["quality"]["tokens"] == 15 and report["weight_bytes"] > 0
     assert report["kv_bytes_per_token"] > 0 and report["max_context"] == 32
     code, _ = _cli("run", str(out), "--prompt", "hi", "--max-new-tokens", "4", capsys=capsys)
