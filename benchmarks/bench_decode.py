@@ -64,6 +64,10 @@ ENGINES: dict[str, dict[str, EngineFn]] = {
                                                                   embeddings="int4")),
         "edgecpm-int4-gptq": peer_engine("int4-gptq", flavour="ort", dtype="fp32",
                                          quant=QuantSpec(scheme="int4", method="gptq", block_size=32)),
+        # GPTQ decoder and a GPTQ-calibrated int4 head stored apart from the int8 embedding table
+        "edgecpm-int4-gptq-int4-head": peer_engine("int4-gptq-int4-head", flavour="ort", dtype="fp32",
+                                                   quant=QuantSpec(scheme="int4", method="gptq", block_size=32,
+                                                                   lm_head="int4")),
         "edgecpm-int4-gptq-b64": peer_engine("int4-gptq-b64", flavour="ort", dtype="fp32",
                                              quant=QuantSpec(scheme="int4", method="gptq", block_size=64)),
     },

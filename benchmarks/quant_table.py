@@ -35,6 +35,7 @@ ROWS = {
     "int4-rtn-b64": ["--quant", "int4", "--method", "rtn", "--block-size", "64"],
     "int4-gptq-b64": ["--quant", "int4", "--method", "gptq", "--block-size", "64"],
     "int4-rtn-int4-tables": ["--quant", "int4", "--method", "rtn", "--lm-head", "int4", "--embeddings", "int4"],
+    "int4-gptq-int4-head": ["--quant", "int4", "--method", "gptq", "--lm-head", "int4"],
     "int4-gptq-int4-tables": ["--quant", "int4", "--method", "gptq", "--lm-head", "int4", "--embeddings", "int4"],
     "int4-source": ["--quant", "int4"],
     "ternary": ["--quant", "ternary"],

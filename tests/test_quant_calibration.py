@@ -39,20 +39,24 @@ def test_hessians_are_the_weighted_layer_input_moments(tmp_path):
     assert [len(s) for s in sequences] == [16] * 4 and sequences[1][0] == 21
     names = [n for n in checkpoint.tensors if n.endswith("proj.weight")]
     kv = checkpoint.architecture.kv_projections
-    hessians = accumulate_hessians(model, sequences, names, kv)
-    assert set(hessians) == set(names)
+    assert checkpoint.config.tie_word_embeddings  # the head is no Linear module: read from the final norm
+    hessians = accumulate_hessians(model, sequences, [*names, "lm_head.weight"], kv, head_input="model.norm")
+    assert set(hessians) == {*names, "lm_head.weight"}
 
     # Independently: every linear's input rows per sequence, from pre-hooks.
     inputs = {name: [] for name in names}
     handles = [model.get_submodule(name.removesuffix(".weight")).register_forward_pre_hook(
         lambda module, args, name=name: inputs[name].append(args[0].reshape(-1, args[0].shape[-1]).numpy().copy()))
         for name in names]
+    inputs["lm_head.weight"] = []
+    handles.append(model.model.norm.register_forward_hook(
+        lambda module, args, out: inputs["lm_head.weight"].append(out.reshape(-1, out.shape[-1]).numpy().copy())))
     with torch.no_grad():
         for ids in sequences:
             model(torch.from_numpy(ids)[None], model.new_cache())
     for handle in handles:
         handle.remove()
-    for name in names:
+    for name in [*names, "lm_head.weight"]:
         sink_weight = 8.0 if name.removesuffix(".weight").endswith(kv) else 1.0  # half of the 16-token sequence
         weights = np.concatenate([[sink_weight] + [1.0] * 15 for _ in sequences])
         x = np.concatenate(inputs[name]).astype(np.float64)

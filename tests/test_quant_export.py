@@ -34,7 +34,8 @@ MAX_CONTEXT = 64
 QUALITY_TOKENS = 32
 KEYS = [("minicpm", "dense"), ("minicpm", "untied"), ("minicpm3", "mla"), ("llama", "dense")]
 SCHEMES = {"int4": QuantSpec("int4"), "int4-asym": QuantSpec("int4", symmetric=False), "int8": QuantSpec("int8"),
-           "int4-tables4": QuantSpec("int4", lm_head="int4", embeddings="int4"), "int4-gptq": QuantSpec("int4", method="gptq")}
+           "int4-tables4": QuantSpec("int4", lm_head="int4", embeddings="int4"), "int4-gptq": QuantSpec("int4", method="gptq"),
+           "int4-gptq-int4-head": QuantSpec("int4", method="gptq", lm_head="int4")}
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +210,18 @@ def test_gptq_method_beats_rtn_on_layer_outputs(tmp_path):
             errors[label] += (energy(weight - approx, hessian.matrix) / energy(weight, hessian.matrix)) ** 0.5
     assert set(gptq.written.values()) == {"int4-gptq"}
     assert errors["gptq"] < 0.95 * errors["rtn"]
+
+
+def test_gptq_int4_head_of_a_tied_model_is_calibrated_and_stored_apart(workdir, tmp_path):
+    source = workdir / "minicpm-dense"
+    if not source.exists():
+        write_hf_checkpoint(source, ("minicpm", "dense"))
+    bundle = export(source, tmp_path / "b", quant=QuantSpec("int4", method="gptq", lm_head="int4"))
+    record = read_manifest(bundle).quantization
+    assert record["tensors"]["lm_head.weight"] == "int4-gptq"
+    assert record["tensors"]["model.embed_tokens.weight"] == "int8-rtn"
+    initializers = {t.name for t in _graph(bundle).graph.initializer}
+    assert any(name.startswith("lm_head") for name in initializers)
 
 
 # --- the quality gate and bad input ----------------------------------------------------------------

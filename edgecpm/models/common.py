@@ -239,7 +239,13 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def load_tensors(self, tensors: Mapping[str, np.ndarray]) -> None:
-        """Copies HF-named arrays into the parameters; a missing, unexpected or misshapen tensor raises."""
+        """Copies HF-named arrays into the parameters; a missing, unexpected or misshapen tensor raises.
+
+        A tied model given its own "lm_head.weight" (a quantized export that stores its head apart from
+        the table) computes logits with that instead of the embedding matrix.
+        """
+        if self.lm_head is None and "lm_head.weight" in tensors:
+            self.lm_head = linear(self.config.hidden_size, self.config.vocab_size)
         parameters = dict(self.named_parameters())
         missing = sorted(set(parameters) - set(tensors))
         unexpected = sorted(set(tensors) - set(parameters))

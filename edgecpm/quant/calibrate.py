@@ -50,11 +50,12 @@ class Hessian:
 
 
 def accumulate_hessians(model, sequences: Iterable[np.ndarray], weight_names: Iterable[str],
-                        kv_projections: Sequence[str] = ()) -> dict[str, Hessian]:
+                        kv_projections: Sequence[str] = (), head_input: str | None = None) -> dict[str, Hessian]:
     """Runs the reference once per sequence (fresh cache each) and accumulates every named linear's H.
 
     Linears reading the same activation with the same row weights (k with v, gate with up) share one
-    matrix.
+    matrix. `head_input`: the module whose output the LM head reads (a tied head is no Linear module);
+    its H is returned as "lm_head.weight" (a constant logit scale in between does not change GPTQ).
     """
     import torch
 
@@ -88,6 +89,11 @@ def accumulate_hessians(model, sequences: Iterable[np.ndarray], weight_names: It
     for name, module in model.named_modules():
         if name in wanted and isinstance(module, torch.nn.Linear):
             handles.append(module.register_forward_hook(hook(name)))
+    linear_head = isinstance(getattr(model, "lm_head", None), torch.nn.Linear)  # untied: hooked above
+    if head_input is not None and "lm_head" in wanted and not linear_head:
+        record_head = hook("lm_head")
+        handles.append(model.get_submodule(head_input).register_forward_hook(
+            lambda module, args, output: record_head(module, (output,), None)))
     try:
         with torch.no_grad():
             for ids in sequences:

@@ -28,6 +28,8 @@ QuantizedLinear = GPTQLinear
 GPTQ_CHECKPOINT = "gptq-checkpoint"
 SOURCE = "source"  # a GGUF file's own Q4_0/Q4_1/Q8_0 blocks, exported as stored
 EMBEDDING_TABLE = "model.embed_tokens.weight"  # read by GatherBlockQuantized, which takes no zero points
+HEAD = "lm_head.weight"
+HEAD_INPUT = "model.norm"  # the final norm of every reference model (models/common.py): the LM head's input
 CALIBRATION_TOKENS = 8192  # the shipped calibration text is ~4k tokens (SmolLM2 tokenizer); all of it is used
 # GPTQ damping (fraction of the mean Hessian diagonal). With fewer calibration rows than input channels
 # H is rank-deficient and the paper's 0.01 overfits (SmolLM2 down_proj, K=1536 from 770 rows: held-out
@@ -127,9 +129,13 @@ class WeightQuantizer:
         tq = self.storage(name, role)
         if tq is None:
             return None
-        quantized, label = SCHEMES[tq.scheme](self.read(name), name, tq, self)
+        quantized, label = SCHEMES[tq.scheme](self.read(name), label_name, tq, self)
         self.written[label_name] = label
         return QuantizedLinear(quantized, None)
+
+    def calibrated(self, name: str) -> bool:
+        """Whether `name` (or the role "lm_head.weight") is quantized with its own calibration statistics."""
+        return self.spec.method == "gptq" and name in self.calibration
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(self.written.values()))
@@ -233,8 +239,11 @@ def calibration_hessians(checkpoint, spec: QuantSpec, max_tokens: int = CALIBRAT
 
     ids = np.asarray(TextTokenizer.from_checkpoint(checkpoint.tokenizer).encode(calibration_text())[:max_tokens])
     names = [n for n in checkpoint.tensors if n.startswith("model.layers.") and spec.for_tensor(n) is not None]
+    head = spec.for_tensor(HEAD)
+    if head is not None and head.scheme == "int4":  # an int8 head is near-lossless as it is
+        names.append(HEAD)
     return accumulate_hessians(reference_model(checkpoint), calibration_sequences(ids), names,
-                               checkpoint.architecture.kv_projections)
+                               checkpoint.architecture.kv_projections, head_input=HEAD_INPUT)
 
 
 def make_quantizer(checkpoint, spec: QuantSpec, scale_dtype=np.float32, flavour: str = "ort") -> WeightQuantizer:
@@ -261,9 +270,9 @@ def quantized_weights(checkpoint, spec: QuantSpec, names: Iterable[str] | Mappin
     selected = list(names) if names is not None else [n for n in checkpoint.tensors if quantizer.storage(n) is not None]
     weights = {name: ref.numpy(np.float32) for name, ref in checkpoint.tensors.items()}
     for name in selected:
-        if name not in checkpoint.tensors:  # a tied head: the reference reads the table for both
-            if quantizer.storage("model.embed_tokens.weight") != quantizer.storage(name):
-                raise UnsupportedError("a tied reference model cannot hold a head stored unlike its table", field=name)
+        if name not in checkpoint.tensors:  # a tied head: shares the table unless stored unlike it
+            if quantizer.storage(EMBEDDING_TABLE) != quantizer.storage(name) or quantizer.calibrated(name):
+                weights[name] = dequantized(quantizer.quantize(EMBEDDING_TABLE, role=name))
             continue
         weights[name] = dequantized(quantizer.quantize(name))
     return weights
