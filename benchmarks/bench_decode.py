@@ -46,6 +46,11 @@ EngineFn = Callable[..., dict]
 #
 #     and register it below:  ENGINES["fp32"]["edgecpm-fp32"] = run_edgecpm_fp32
 # ============================================================================================================
+def edgecpm_int4(name: str, **spec) -> EngineFn:
+    """An edgecpm int4 bundle (ort flavour, fp32 activations, block 32 unless given) of the same HF weights."""
+    return peer_engine(name, flavour="ort", dtype="fp32", quant=QuantSpec(scheme="int4", **spec))
+
+
 ENGINES: dict[str, dict[str, EngineFn]] = {
     "fp32": {
         "transformers-eager-fp32": peers.run_transformers,
@@ -57,19 +62,13 @@ ENGINES: dict[str, dict[str, EngineFn]] = {
     "int4": {
         "onnxruntime-genai-int4": peers.run_ortgenai_int4,
         "llama.cpp-q4_0": peers.run_llama_cpp_q4_0,
-        "edgecpm-int4-rtn": peer_engine("int4-rtn", flavour="ort", dtype="fp32", quant=QuantSpec(scheme="int4", block_size=32)),
+        "edgecpm-int4-rtn": edgecpm_int4("int4-rtn", method="rtn"),
         # onnxruntime-genai's own layout: the embedding table and LM head at int4 too
-        "edgecpm-int4-rtn-int4-head": peer_engine("int4-rtn-int4-head", flavour="ort", dtype="fp32",
-                                                  quant=QuantSpec(scheme="int4", block_size=32, lm_head="int4",
-                                                                  embeddings="int4")),
-        "edgecpm-int4-gptq": peer_engine("int4-gptq", flavour="ort", dtype="fp32",
-                                         quant=QuantSpec(scheme="int4", method="gptq", block_size=32)),
+        "edgecpm-int4-rtn-int4-head": edgecpm_int4("int4-rtn-int4-head", method="rtn", lm_head="int4", embeddings="int4"),
+        "edgecpm-int4-gptq": edgecpm_int4("int4-gptq", method="gptq"),
         # GPTQ decoder and a GPTQ-calibrated int4 head stored apart from the int8 embedding table
-        "edgecpm-int4-gptq-int4-head": peer_engine("int4-gptq-int4-head", flavour="ort", dtype="fp32",
-                                                   quant=QuantSpec(scheme="int4", method="gptq", block_size=32,
-                                                                   lm_head="int4")),
-        "edgecpm-int4-gptq-b64": peer_engine("int4-gptq-b64", flavour="ort", dtype="fp32",
-                                             quant=QuantSpec(scheme="int4", method="gptq", block_size=64)),
+        "edgecpm-int4-gptq-int4-head": edgecpm_int4("int4-gptq-int4-head", method="gptq", lm_head="int4"),
+        "edgecpm-int4-gptq-b64": edgecpm_int4("int4-gptq-b64", method="gptq", block_size=64),
     },
 }
 REFERENCE = {"fp32": "onnxruntime-genai-fp32", "int4": "onnxruntime-genai-int4"}

@@ -137,6 +137,10 @@ class WeightQuantizer:
         """Whether `name` (or the role "lm_head.weight") is quantized with its own calibration statistics."""
         return self.spec.method == "gptq" and name in self.calibration
 
+    def head_shares_table(self) -> bool:
+        """A tied LM head reads the embedding table's storage unless it is stored or calibrated differently."""
+        return self.storage(EMBEDDING_TABLE) == self.storage(EMBEDDING_TABLE, HEAD) and not self.calibrated(HEAD)
+
     def counts(self) -> dict[str, int]:
         return dict(Counter(self.written.values()))
 
@@ -270,8 +274,8 @@ def quantized_weights(checkpoint, spec: QuantSpec, names: Iterable[str] | Mappin
     selected = list(names) if names is not None else [n for n in checkpoint.tensors if quantizer.storage(n) is not None]
     weights = {name: ref.numpy(np.float32) for name, ref in checkpoint.tensors.items()}
     for name in selected:
-        if name not in checkpoint.tensors:  # a tied head: shares the table unless stored unlike it
-            if quantizer.storage(EMBEDDING_TABLE) != quantizer.storage(name) or quantizer.calibrated(name):
+        if name not in checkpoint.tensors:  # a tied head
+            if not quantizer.head_shares_table():
                 weights[name] = dequantized(quantizer.quantize(EMBEDDING_TABLE, role=name))
             continue
         weights[name] = dequantized(quantizer.quantize(name))

@@ -94,9 +94,8 @@ class Weights:
 
     def tied_head(self, table: Table, shared_float: bool) -> Projection:
         """The LM head of a tied model: the table itself when stored alike, else its own copy."""
-        stored = self._storage(TABLE), self._storage(TABLE, HEAD)
-        calibrated_head = self.quantizer is not None and self.quantizer.calibrated(HEAD)
-        if stored[0] == stored[1] and not calibrated_head and (stored[0] is not None or shared_float):
+        shares = self.quantizer is None or self.quantizer.head_shares_table()
+        if shares and (self._storage(TABLE) is not None or shared_float):
             return table.head
         return self.matmul([TABLE], out="lm_head", role=HEAD)
 
