@@ -46,9 +46,9 @@ EngineFn = Callable[..., dict]
 #
 #     and register it below:  ENGINES["fp32"]["edgecpm-fp32"] = run_edgecpm_fp32
 # ============================================================================================================
-def edgecpm_int4(name: str, **spec) -> EngineFn:
+def edgecpm_int4(name: str, load_options: dict | None = None, **spec) -> EngineFn:
     """An edgecpm int4 bundle (ort flavour, fp32 activations, block 32 unless given) of the same HF weights."""
-    return peer_engine(name, flavour="ort", dtype="fp32", quant=QuantSpec(scheme="int4", **spec))
+    return peer_engine(name, load_options=load_options, flavour="ort", dtype="fp32", quant=QuantSpec(scheme="int4", **spec))
 
 
 ENGINES: dict[str, dict[str, EngineFn]] = {
@@ -63,6 +63,8 @@ ENGINES: dict[str, dict[str, EngineFn]] = {
         "onnxruntime-genai-int4": peers.run_ortgenai_int4,
         "llama.cpp-q4_0": peers.run_llama_cpp_q4_0,
         "edgecpm-int4-rtn": edgecpm_int4("int4-rtn", method="rtn"),
+        # the same bundle, decode steps on edgecpm's native kernels (edgecpm.runtimes.native)
+        "edgecpm-int4-rtn-native": edgecpm_int4("int4-rtn", load_options={"kernels": "native"}, method="rtn"),
         # onnxruntime-genai's own layout: the embedding table and LM head at int4 too
         "edgecpm-int4-rtn-int4-head": edgecpm_int4("int4-rtn-int4-head", method="rtn", lm_head="int4", embeddings="int4"),
         "edgecpm-int4-gptq": edgecpm_int4("int4-gptq", method="gptq"),

@@ -183,6 +183,7 @@ def export_checkpoint(source: str | Path | Checkpoint, out_dir: str | Path, *, f
             toolchain=_toolchain(),
             extra={
                 "data_files": [DATA_FILE],
+                "tensors": graph_io.tensors,
                 "graph_io": {"inputs": [t.as_dict() for t in graph_io.inputs],
                              "outputs": [t.as_dict() for t in graph_io.outputs]},
                 "export_options": {"tied_head": tied_head},

@@ -52,4 +52,6 @@ def build_onnx(checkpoint: Checkpoint, options: ExportOptions, out_dir: Path,
         writer.save(out_dir / MODEL_FILE, uses_contrib_ops=lowering.uses_contrib_ops, producer="edgecpm")
     finally:
         writer.close()
-    return lowering.graph_io()
+    graph_io = lowering.graph_io()
+    graph_io.tensors = writer.tensor_index
+    return graph_io

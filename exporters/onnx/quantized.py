@@ -86,6 +86,8 @@ class OrtQuantized:
         packed = pack_matmul_nbits(quantized)
         n, blocks = packed.out_features, packed.packed.shape[1]
         b = self.w.weight(f"{out}.qweight", packed.packed)
+        self.w.describe(b, bits=packed.bits, block_size=packed.block_size, k=packed.in_features, n=n,
+                        accuracy_level=self.accuracy_level)
         # 2-D [N, blocks] scales: MatMulNBits takes them, and a table's Gather only needs an Unsqueeze.
         scales = self.w.weight(f"{out}.scales", packed.scales.reshape(n, blocks).astype(self.dtype))
         zeros = None if packed.zero_points is None else self.w.weight(f"{out}.qzeros", packed.zero_points)

@@ -70,7 +70,7 @@ class GraphIO:
     kv_mode: str
     kv_dtype: str
     logits: str = "logits"
-    extra: dict = field(default_factory=dict)
+    tensors: dict = field(default_factory=dict)  # weight name -> {offset, length, dtype, shape} in the data file
 
     def kv_layout(self, max_context: int) -> dict:
         seq_axis = 2 if self.kv_mode == "shared_buffer" else 1

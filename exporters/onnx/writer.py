@@ -1,8 +1,10 @@
 """GraphWriter: the one place that makes ONNX protos. Weights stream straight into the external-data file.
 
-Every initializer larger than a few numbers is appended to `model.onnx.data` the moment it is added and
-only a reference (offset, length) stays in memory, so an export holds at most one fused weight at a time
-(an 8B model exports inside 24 GB). Builders call `op()` / `weight()` / `const()` and never touch protos.
+Every weight is appended to `model.onnx.data` the moment it is added and only a reference (offset,
+length) stays in memory, so an export holds at most one fused weight at a time (an 8B model exports
+inside 24 GB); small constants (shapes, axes, scalars) stay inside model.onnx. `tensor_index` records where
+each weight lies in the data file, so a runtime can map weights without an ONNX parser (the native
+decode kernels read them in place). Builders call `op()` / `weight()` / `const()` and never touch protos.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 # onnxruntime memory-maps external data; page-aligned large tensors can be mapped without a copy.
 PAGE_ALIGN = 4096
 SMALL_ALIGN = 64
-INLINE_BYTES = 1024  # scalars, shapes, norms of tiny models: kept inside model.onnx
+INLINE_BYTES = 1024  # constants up to this size are kept inside model.onnx
 ORT_DOMAIN = "com.microsoft"
 OPSET = 21
 IR_VERSION = 10  # what onnxruntime >= 1.20 loads
@@ -41,28 +43,23 @@ class GraphWriter:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._names = itertools.count()
         self._consts: dict[tuple, str] = {}
+        self.tensor_index: dict[str, dict] = {}
 
     # ---- names and values -------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
         return f"{hint}_{next(self._names)}"
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        """Adds an initializer; anything but tiny arrays goes to the external-data file right away."""
+        """Adds an initializer, written to the external-data file right away."""
         array = np.ascontiguousarray(array)
-        if array.nbytes <= INLINE_BYTES:
-            self.initializers.append(numpy_helper.from_array(array, name))
-            return name
-        return self._external(name, ONNX_DTYPES[array.dtype], array.shape, array)
+        return self._external(name, ONNX_DTYPES[array.dtype], array.shape, array, array.dtype.name)
 
     def packed_weight(self, name: str, data_type: int, dims: tuple, raw: np.ndarray) -> str:
         """An initializer whose element type numpy lacks (ONNX INT4): `raw` holds its packed bytes."""
         raw = np.ascontiguousarray(raw, dtype=np.uint8)
-        if raw.nbytes <= INLINE_BYTES:
-            self.initializers.append(helper.make_tensor(name, data_type, list(dims), raw.tobytes(), raw=True))
-            return name
-        return self._external(name, data_type, dims, raw)
+        return self._external(name, data_type, dims, raw, TensorProto.DataType.Name(data_type).lower())
 
-    def _external(self, name: str, data_type: int, dims: tuple, array: np.ndarray) -> str:
+    def _external(self, name: str, data_type: int, dims: tuple, array: np.ndarray, dtype_name: str) -> str:
         align = PAGE_ALIGN if array.nbytes >= 64 * 1024 else SMALL_ALIGN
         pad = (-self._offset) % align
         if pad:
@@ -74,16 +71,27 @@ class GraphWriter:
         for key, value in (("location", self.data_name), ("offset", str(self._offset)), ("length", str(array.nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
+        self.tensor_index[name] = {"offset": self._offset, "length": array.nbytes, "dtype": dtype_name,
+                                   "shape": [int(d) for d in dims]}
         self._offset += array.nbytes
         self.initializers.append(tensor)
         return name
+
+    def describe(self, name: str, **attributes: Any) -> None:
+        """Adds how to read a weight (e.g. its quantization) to its tensor_index entry."""
+        self.tensor_index[name].update(attributes)
 
     def const(self, values: Any, dtype: Any = np.int64) -> str:
         """A small constant (shape, axis list, scalar), deduplicated."""
         array = np.asarray(values, dtype=dtype)
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._consts:
-            self._consts[key] = self.weight(self.fresh("const"), array)
+            name = self.fresh("const")
+            if array.nbytes <= INLINE_BYTES:
+                self.initializers.append(numpy_helper.from_array(array, name))
+            else:
+                self.weight(name, array)
+            self._consts[key] = name
         return self._consts[key]
 
     # ---- nodes --------------------------------------------------------------------------------------

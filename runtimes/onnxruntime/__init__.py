@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from edgecpm.bundle import Manifest, read_manifest
 
 
 def load_backend(bundle_dir: str | Path, manifest: Manifest | None = None, *, threads: int | None = None,
-                 prepack: bool | None = None, spin: bool = True):
+                 prepack: bool | None = None, spin: bool = True, kernels: str | None = None):
     """Opens the bundle's graph; `threads` defaults to the number of physical cores.
 
     `prepack` repacks weights into MLAS's layouts: MatMulNBits needs it for its int8-activation kernels
@@ -18,6 +19,7 @@ def load_backend(bundle_dir: str | Path, manifest: Manifest | None = None, *, th
     int8-activation MatMulNBits, which changes the numbers). `spin` is onnxruntime's default.
     `spin` (onnxruntime's default, and what its peers run with) keeps idle intra-op threads spinning between
     the many small decode ops; pass `spin=False` where other busy processes share the cores.
+    `kernels` (default: $EDGECPM_KERNELS, else "onnxruntime"): who runs decode steps, see OnnxRuntimeBackend.
     """
     from edgecpm.runtimes.onnxruntime.backend import OnnxRuntimeBackend
 
@@ -25,7 +27,9 @@ def load_backend(bundle_dir: str | Path, manifest: Manifest | None = None, *, th
     manifest = manifest or read_manifest(bundle_dir)
     if prepack is None:
         prepack = manifest.flavour == "ort"
-    return OnnxRuntimeBackend(bundle_dir / manifest.model_file, manifest, threads=threads, prepack=prepack, spin=spin)
+    kernels = kernels or os.environ.get("EDGECPM_KERNELS") or "onnxruntime"
+    return OnnxRuntimeBackend(bundle_dir / manifest.model_file, manifest, threads=threads, prepack=prepack, spin=spin,
+                              kernels=kernels)
 
 
 __all__ = ["load_backend"]

@@ -129,11 +129,22 @@ class _AppendCache:
 KV_CACHES = {"shared_buffer": _SharedBufferCache, "append": _AppendCache}
 
 
+KERNELS = ("auto", "native", "onnxruntime")
+
+
 class OnnxRuntimeBackend:
-    """The `edgecpm.backend.Backend` protocol over one exported bundle."""
+    """The `edgecpm.backend.Backend` protocol over one exported bundle.
+
+    `kernels`: who runs decode steps. "onnxruntime" (default) runs the graph; "native" runs edgecpm's own
+    decode kernels (edgecpm.runtimes.native) and fails where they do not implement the bundle; "auto" uses
+    them where they do and the graph elsewhere (`native_unavailable` says why). Prefill always runs the graph.
+    The default stays onnxruntime until the kernels decode faster (docs/BENCHMARKS.md).
+    """
 
     def __init__(self, model_path: Path, manifest: Manifest, *, threads: int | None = None, prepack: bool = True,
-                 spin: bool = True):
+                 spin: bool = True, kernels: str = "onnxruntime"):
+        if kernels not in KERNELS:
+            raise GenerationError(f"unknown kernels {kernels!r} (choose from {', '.join(KERNELS)})")
         self.max_context = int(manifest.max_context)
         self.vocab_size = int(manifest.architecture["vocab_size"])
         layout = manifest.kv_layout
@@ -148,17 +159,37 @@ class OnnxRuntimeBackend:
         self.binding.bind_ortvalue_output(LOGITS, self._logits_value)
         self._run_options = ort.RunOptions()
         self._position = 0
+        self.native, self.native_unavailable = None, "not requested"
+        if kernels != "onnxruntime":
+            self._attach_native(model_path, manifest, threads, required=kernels == "native")
+
+    def _attach_native(self, model_path: Path, manifest: Manifest, threads: int | None, *, required: bool) -> None:
+        from edgecpm.runtimes.native import KernelsUnavailable, native_decoder
+
+        try:
+            if not isinstance(self.cache, _SharedBufferCache):
+                raise KernelsUnavailable("KV layout is not a shared buffer")
+            self.native = native_decoder(model_path.parent, manifest, [value.data_ptr() for value in self.cache.values],
+                                         threads or physical_cores())
+            self.native_unavailable = None
+        except KernelsUnavailable as error:
+            if required:
+                raise BundleError(f"native decode kernels unavailable: {error}", path=model_path) from None
+            self.native_unavailable = str(error)
 
     @property
     def position(self) -> int:
         return self._position
 
-    def _step(self, token_ids: np.ndarray) -> np.ndarray:
-        n = token_ids.shape[1]
+    def _check_room(self, n: int) -> None:
         if n == 0:
             raise GenerationError("prefill needs at least one token")
         if self._position + n > self.max_context:
             raise GenerationError(f"{self._position + n} tokens exceed the bundle's max context {self.max_context}")
+
+    def _step(self, token_ids: np.ndarray) -> np.ndarray:
+        n = token_ids.shape[1]
+        self._check_room(n)
         self.cache.bind_step(token_ids, self._position)
         self.session.run_with_iobinding(self.binding, self._run_options)
         self._position += n
@@ -169,7 +200,12 @@ class OnnxRuntimeBackend:
         return self._step(ids)
 
     def decode(self, token_id: int) -> np.ndarray:
-        return self._step(np.array([[int(token_id)]], np.int64))
+        if self.native is None:
+            return self._step(np.array([[int(token_id)]], np.int64))
+        self._check_room(1)
+        self.native.decode(token_id, self._position, self._logits)
+        self._position += 1
+        return self._logits[0].copy()
 
     def reset(self) -> None:
         self._position = 0

@@ -1,0 +1,10 @@
+"""Native CPU decode kernels (imported as `edgecpm.runtimes.native`): C + OpenMP, built on first use, torch-free.
+
+The onnxruntime backend hands its decode steps to `native_decoder` when the bundle is one the kernels
+implement; prefill stays on onnxruntime, and both write the same KV buffers.
+"""
+
+from edgecpm.runtimes.native.build import KernelsUnavailable, load_library
+from edgecpm.runtimes.native.decoder import NativeDecoder, native_decoder
+
+__all__ = ["KernelsUnavailable", "NativeDecoder", "load_library", "native_decoder"]

@@ -1,0 +1,77 @@
+"""Compiles kernels.c for this CPU on first use and loads it with ctypes (no build step at install time).
+
+The library is built with `-march=native` (edge devices run what their own compiler tunes for them) and
+cached per source, compiler flags and CPU feature set under $EDGECPM_CACHE_DIR, else
+$XDG_CACHE_HOME/edgecpm, else ~/.cache/edgecpm. Concurrent first uses each compile to a temporary file and
+rename it into place, so a half-written library is never loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], ["-O3", "-mcpu=native", "-fopenmp", "-fno-math-errno"])  # x86 / some ARM compilers
+
+
+class KernelsUnavailable(RuntimeError):
+    """Why the native kernels cannot be used here (no compiler, failed build, unsupported bundle)."""
+
+
+def cache_dir() -> Path:
+    if os.environ.get("EDGECPM_CACHE_DIR"):
+        return Path(os.environ["EDGECPM_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "edgecpm"
+
+
+def _cpu_features() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    raise KernelsUnavailable("no C compiler found (install gcc, or set CC)")
+
+
+@cache
+def load_library() -> ctypes.CDLL:
+    compiler = _compiler()
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), platform.machine().encode(),
+                                         _cpu_features().encode()])).hexdigest()[:16]
+        target = cache_dir() / f"kernels-{key}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as staging:
+                built = Path(staging) / target.name
+                result = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(built), str(SOURCE), "-lm"],
+                                        capture_output=True, text=True)
+                if result.returncode != 0:
+                    errors.append(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
+                    continue
+                os.replace(built, target)
+        library = ctypes.CDLL(str(target))
+        library.ec_decode.restype = ctypes.c_int
+        library.ec_decode.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        library.ec_has_avx2.restype = ctypes.c_int
+        return library
+    raise KernelsUnavailable(f"could not compile {SOURCE.name} with {compiler}: {'; '.join(errors)}")

@@ -1,0 +1,210 @@
+"""The native decode step over an exported `ort` bundle: weights mapped in place from model.onnx.data.
+
+`native_decoder` checks that the bundle is one the kernels implement exactly (a pre-norm GQA decoder,
+fp32 activations, and for quantized linears the int8-activation compute that the bundle records as
+MatMulNBits' accuracy level 4) and raises KernelsUnavailable with the reason otherwise; the backend then
+keeps decoding with onnxruntime. Weights are found through the manifest's tensor index (written by the
+exporter), never by parsing the graph.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgecpm.bundle import Manifest
+from edgecpm.errors import GenerationError
+from edgecpm.runtimes.native.build import KernelsUnavailable, load_library
+
+INT8_ACTIVATIONS = 4  # MatMulNBits accuracy level whose arithmetic the kernels reproduce
+MAX_HEAD_DIM = 512
+MAX_BLOCK = 1024  # kernels.c quantize()'s scratch
+ACTIVATIONS = {"silu": 0, "fatrelu": 1}
+
+
+ROW_GROUP, CHUNK_BYTES = 4, 16  # the kernels' interleaved layout (kernels.c, rows4_avx2)
+
+
+class Linear(ctypes.Structure):
+    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zero_points", ctypes.c_void_p),
+                ("offsets", ctypes.c_void_p), ("packed", ctypes.c_void_p), ("packed_scales", ctypes.c_void_p),
+                ("dense", ctypes.c_void_p), ("input_order", ctypes.c_void_p),
+                ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("bits", ctypes.c_int32), ("block", ctypes.c_int32),
+                ("dense_nk", ctypes.c_int32)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", Linear), ("o", Linear),
+                ("gate_up", Linear), ("down", Linear), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in ("hidden", "layers", "heads", "kv_heads", "head_dim", "rotary_dim",
+                                                    "intermediate", "vocab", "max_context", "threads", "activation")]
+    _fields_ += [(name, ctypes.c_float) for name in ("activation_param", "eps", "attention_scale", "embedding_scale")]
+    _fields_ += [("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p), ("table", Linear), ("head", Linear),
+                 ("final_norm", ctypes.c_void_p), ("layer", ctypes.POINTER(Layer))]
+
+
+class _Weights:
+    """Tensors of the data file by name, as read-only views of one memory map."""
+
+    def __init__(self, data_file: Path, index: dict):
+        self.data = np.memmap(data_file, dtype=np.uint8, mode="r")
+        self.index = index
+        self.keep: list[np.ndarray] = []  # arrays made here (transposes, casts) that C points into
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def array(self, name: str) -> np.ndarray:
+        entry = self.index[name]
+        raw = self.data[entry["offset"]: entry["offset"] + entry["length"]]
+        return raw.view(np.dtype(entry["dtype"])).reshape(entry["shape"])
+
+    def pointer(self, name: str, dtype=None) -> int:
+        array = self.array(name)
+        if dtype is not None and array.dtype != dtype:
+            array = np.ascontiguousarray(array, dtype=dtype)
+            self.keep.append(array)
+        return array.ctypes.data
+
+    def linear(self, name: str, k: int, n: int, *, dense_nk: bool = False) -> Linear:
+        """`name` as the exporter wrote it: `{name}.qweight` etc. (MatMulNBits) or `{name}` (float)."""
+        if name in self:
+            shape = self.array(name).shape
+            expected = (n, k) if dense_nk else (k, n)
+            if tuple(shape) != expected:
+                raise KernelsUnavailable(f"{name} has shape {list(shape)}, expected {list(expected)}")
+            return Linear(dense=self.pointer(name, np.float32), n=n, k=k, dense_nk=int(dense_nk))
+        codes = f"{name}.qweight"
+        if f"{name}.0.qweight" in self:
+            raise KernelsUnavailable(f"{name} is stored as separate MatMuls (their act-order channel orders differ)")
+        if codes not in self:
+            raise KernelsUnavailable(f"no weight {name!r} in the bundle's tensor index")
+        entry = self.index[codes]
+        if "bits" not in entry or (entry["k"], entry["n"]) != (k, n):
+            raise KernelsUnavailable(f"{codes} is not a [{n}, {k}] MatMulNBits weight")
+        if entry["block_size"] > MAX_BLOCK:
+            raise KernelsUnavailable(f"{codes} has blocks of {entry['block_size']} (at most {MAX_BLOCK})")
+        blocks = -(-k // entry["block_size"])
+        offsets = 0
+        if f"{name}.block_offsets" in self:
+            transposed = np.ascontiguousarray(self.array(f"{name}.block_offsets").T, dtype=np.float32)  # [n, blocks]
+            self.keep.append(transposed)
+            offsets = transposed.ctypes.data
+        order = 0
+        if f"{name}.input_order" in self:
+            gathered = np.ascontiguousarray(self.array(f"{name}.input_order"), dtype=np.int32)
+            self.keep.append(gathered)
+            order = gathered.ctypes.data
+        if self.array(f"{name}.scales").size != n * blocks:
+            raise KernelsUnavailable(f"{name}.scales does not hold one scale per block")
+        packed, packed_scales = self._interleaved(self.array(codes), self.array(f"{name}.scales").reshape(n, blocks))
+        return Linear(codes=self.pointer(codes), scales=self.pointer(f"{name}.scales", np.float32),
+                      packed=packed, packed_scales=packed_scales,
+                      zero_points=self.pointer(f"{name}.qzeros") if f"{name}.qzeros" in self else 0, offsets=offsets,
+                      input_order=order, n=n, k=k, bits=entry["bits"], block=entry["block_size"])
+
+    def _interleaved(self, codes: np.ndarray, scales: np.ndarray) -> tuple[int, int]:
+        """Codes [n, blocks, bytes] -> [n/4, blocks, chunks, 4, 16]; scales [n, blocks] -> [n/4, blocks, 4]."""
+        n, blocks, block_bytes = codes.shape
+        if block_bytes % CHUNK_BYTES:
+            return 0, 0  # the portable kernel reads such blocks from the stored layout
+        pad = (-n) % ROW_GROUP
+        codes = np.pad(codes, ((0, pad), (0, 0), (0, 0))) if pad else codes
+        scales = np.pad(scales, ((0, pad), (0, 0))) if pad else scales
+        groups = (n + pad) // ROW_GROUP
+        packed = np.ascontiguousarray(
+            codes.reshape(groups, ROW_GROUP, blocks, block_bytes // CHUNK_BYTES, CHUNK_BYTES).transpose(0, 2, 3, 1, 4))
+        packed_scales = np.ascontiguousarray(scales.reshape(groups, ROW_GROUP, blocks).transpose(0, 2, 1), dtype=np.float32)
+        self.keep += [packed, packed_scales]
+        return packed.ctypes.data, packed_scales.ctypes.data
+
+    def quantized_with_float_activations(self) -> list[str]:
+        return [name for name, entry in self.index.items() if entry.get("accuracy_level", INT8_ACTIVATIONS) != INT8_ACTIVATIONS]
+
+
+def _check(manifest: Manifest) -> None:
+    arch = manifest.architecture
+    checks = [  # in order: later checks may assume the earlier ones passed
+        (lambda: manifest.flavour != "ort", f"flavour {manifest.flavour} (native decode reads ort bundles)"),
+        (lambda: manifest.precision != "fp32", f"precision {manifest.precision} (native decode computes in fp32)"),
+        (lambda: manifest.kv_layout.get("mode") != "shared_buffer", "KV layout is not a shared buffer"),
+        (lambda: "tensors" not in manifest.extra, "the bundle has no tensor index (exported by an older edgecpm)"),
+        (lambda: arch.get("architecture") not in DECODER_FAMILY, f"architecture {arch.get('architecture')!r}"),
+        (lambda: bool(arch.get("num_experts")), "mixture-of-experts feed-forward"),
+        (lambda: arch.get("hidden_act") not in ACTIVATIONS, f"activation {arch.get('hidden_act')!r}"),
+        (lambda: int(arch["head_dim"]) > MAX_HEAD_DIM, f"head_dim above {MAX_HEAD_DIM}"),
+        (lambda: any(t["dim"] != arch["head_dim"] for t in manifest.kv_layout["tensors"]), "padded attention heads"),
+    ]
+    for failed, reason in checks:
+        if failed():
+            raise KernelsUnavailable(reason)
+
+
+def _layers(weights: _Weights, arch: dict, kv: Sequence[int]) -> ctypes.Array:
+    h, inter, d = arch["hidden_size"], arch["intermediate_size"], arch["head_dim"]
+    heads, kv_heads = arch["num_attention_heads"], arch["num_key_value_heads"]
+    layers = (Layer * arch["num_hidden_layers"])()
+    for i, layer in enumerate(layers):
+        p = f"model.layers.{i}."
+        layer.input_norm = weights.pointer(f"{p}input_layernorm.weight", np.float32)
+        layer.post_norm = weights.pointer(f"{p}post_attention_layernorm.weight", np.float32)
+        layer.qkv = weights.linear(f"{p}self_attn.qkv", h, (heads + 2 * kv_heads) * d)
+        layer.o = weights.linear(f"{p}self_attn.o", heads * d, h)
+        layer.gate_up = weights.linear(f"{p}mlp.gate_up", h, 2 * inter)
+        layer.down = weights.linear(f"{p}mlp.down", inter, h)
+        layer.k_cache, layer.v_cache = kv[2 * i], kv[2 * i + 1]
+    return layers
+
+
+# Architectures whose bundles are the pre-norm GQA decoder the kernels implement (exporters/onnx/models/decoder.py).
+DECODER_FAMILY: dict[str, Callable] = {"llama": _layers, "minicpm": _layers}
+
+
+class NativeDecoder:
+    """decode(token, position, logits) writes the logits [1, V] of one new token and its K/V rows."""
+
+    def __init__(self, library: ctypes.CDLL, model: Model, keep: list):
+        self._library, self._model, self._keep = library, model, keep
+
+    def decode(self, token: int, position: int, logits: np.ndarray) -> None:
+        status = self._library.ec_decode(ctypes.byref(self._model), int(token), int(position), logits.ctypes.data)
+        if status:
+            raise GenerationError(f"native decode refused token {token} at position {position} (status {status})")
+
+
+def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Sequence[int], threads: int) -> NativeDecoder:
+    """kv_pointers: the runtime's [1, kv_heads, max_context, head_dim] fp32 buffers, key then value per layer."""
+    _check(manifest)
+    library = load_library()
+    arch = manifest.architecture
+    weights = _Weights(bundle_dir / manifest.extra["data_files"][0], manifest.extra["tensors"])
+    if float_activations := weights.quantized_with_float_activations():
+        raise KernelsUnavailable(f"{float_activations[0]} computes with float activations (accuracy level 0)")
+    h, vocab, tied = arch["hidden_size"], arch["vocab_size"], arch["tie_word_embeddings"]
+    layers = DECODER_FAMILY[arch["architecture"]](weights, arch, kv_pointers)
+    table = weights.linear("embed_tokens", h, vocab, dense_nk=True) if "embed_tokens" in weights else \
+        weights.linear("embed_tokens", h, vocab)
+    if "embed_tokens.block_offsets" in weights:
+        raise KernelsUnavailable("an embedding table with float zero points")
+    if "lm_head" in weights or "lm_head.qweight" in weights:
+        head = weights.linear("lm_head", h, vocab)
+    else:
+        head = table  # a tied head reading the table itself
+    model = Model(
+        hidden=h, layers=arch["num_hidden_layers"], heads=arch["num_attention_heads"], kv_heads=arch["num_key_value_heads"],
+        head_dim=arch["head_dim"], rotary_dim=arch["rope"]["rotary_dim"], intermediate=arch["intermediate_size"],
+        vocab=vocab, max_context=manifest.max_context, threads=threads, activation=ACTIVATIONS[arch["hidden_act"]],
+        activation_param=arch.get("hidden_act_param") or 0.0, eps=arch["rms_norm_eps"],
+        attention_scale=1.0 / math.sqrt(arch["head_dim"]),
+        embedding_scale=arch["scale_emb"] if tied else 1.0,  # an untied table has scale_emb folded in
+        rope_cos=weights.pointer("rope_cos", np.float32), rope_sin=weights.pointer("rope_sin", np.float32),
+        table=table, head=head, final_norm=weights.pointer("final_norm", np.float32),
+        layer=ctypes.cast(layers, ctypes.POINTER(Layer)))
+    return NativeDecoder(library, model, [weights, layers])

@@ -1,0 +1,483 @@
+/* edgecpm native decode step: one whole token of a pre-norm GQA decoder in one OpenMP region.
+ *
+ * It reads the weights of an `ort`-flavour bundle in place (MatMulNBits / GatherBlockQuantized layouts,
+ * fp32 MatMul / Gemm tables) and the runtime's KV buffers ([kv_heads, max_context, head_dim] per layer, the
+ * layout GroupQueryAttention writes), so prefill can stay on onnxruntime while decode runs here.
+ *
+ * Why a kernel of our own: a decode step is ~300 tiny onnxruntime ops, each paying a dispatch and a thread
+ * pool round trip; here a layer costs four barriers. Linears quantize their input to int8 per weight block
+ * (what MatMulNBits' accuracy level 4 does) and run integer dot products (AVX2 maddubs, portable C
+ * elsewhere). Codes are read in their stored order: the activations are permuted once per linear into
+ * the bit-plane order in which the codes come out of a 16-byte load, so no code is ever shuffled.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define EC_AVX2 1
+#endif
+
+#define EC_CHUNK 16 /* bytes of codes per load */
+
+typedef struct {
+    /* block-quantized [n, k]: codes [n, blocks, block*bits/8] low bits first, scales [n, blocks] */
+    const uint8_t *codes;
+    const float *scales;
+    const uint8_t *zero_points; /* [n, ceil(blocks*bits/8)] low bits first, or NULL: the middle code */
+    const float *offsets;       /* [n, blocks] added times each block's input sum (float zero points), or NULL */
+    /* the same codes and scales interleaved by four rows (see rows4_avx2; rows padded to a multiple of 4), or NULL */
+    const uint8_t *packed;
+    const float *packed_scales;
+    /* or float: dense [k, n] (MatMul) when dense_nk == 0, [n, k] (Gemm transB / table) when 1 */
+    const float *dense;
+    const int32_t *input_order; /* [k]: the input is gathered first (act-order GPTQ), or NULL */
+    int32_t n, k, bits, block, dense_nk;
+} ec_linear;
+
+typedef struct {
+    const float *input_norm, *post_norm;
+    ec_linear qkv, o, gate_up, down;
+    float *k_cache, *v_cache; /* [kv_heads, max_context, head_dim] */
+} ec_layer;
+
+typedef struct {
+    int32_t hidden, layers, heads, kv_heads, head_dim, rotary_dim, intermediate, vocab, max_context, threads;
+    int32_t activation; /* 0 silu, 1 fatrelu */
+    float activation_param, eps, attention_scale, embedding_scale;
+    const float *rope_cos, *rope_sin; /* [max_context, rotary_dim/2] */
+    ec_linear table;                  /* embedding rows: [vocab, hidden] */
+    ec_linear head;                   /* logits = final_norm(x) @ head^T */
+    const float *final_norm;
+    const ec_layer *layer;
+} ec_model;
+
+/* ---- activations quantized per weight block, in the codes' bit-plane order ------------------------------ */
+
+typedef struct {
+    int8_t *q;    /* blocks * block values */
+    float *scale; /* per block */
+    float *sum;   /* per block: scale * sum(q), the input sum as the integer dot sees it */
+    float *exact; /* per block: the float input sum (for float zero points) */
+    int32_t *correction; /* per block, 8 lanes: -(middle code) * sum(q) in lane 0 (2/4 bits; 8-bit codes are centred) */
+} ec_act;
+
+static int bytes_per_block(const ec_linear *w) { return w->block * w->bits / 8; }
+static int chunk_bytes(const ec_linear *w) { int b = bytes_per_block(w); return b < EC_CHUNK ? b : EC_CHUNK; }
+
+static void quantize(const ec_linear *w, const float *x_in, float *gathered, ec_act *a) {
+    const float *x = x_in;
+    if (w->input_order) {
+        for (int i = 0; i < w->k; i++) gathered[i] = x_in[w->input_order[i]];
+        x = gathered;
+    }
+    const int block = w->block, blocks = (w->k + block - 1) / block;
+    const int per = 8 / w->bits, chunk = chunk_bytes(w), span = chunk * per;
+    float natural[1024];
+    for (int b = 0; b < blocks; b++) {
+        const int base = b * block, valid = w->k - base < block ? w->k - base : block;
+        float amax = 0.f, exact = 0.f;
+#pragma omp simd reduction(max : amax) reduction(+ : exact)
+        for (int j = 0; j < valid; j++) {
+            exact += x[base + j];
+            amax = fmaxf(amax, fabsf(x[base + j]));
+        }
+        const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        int8_t *q = a->q + base;
+        int32_t total = 0;
+        if (valid == block && per == 1) {
+#pragma omp simd reduction(+ : total)
+            for (int j = 0; j < block; j++) {
+                q[j] = (int8_t)nearbyintf(x[base + j] * inv);
+                total += q[j];
+            }
+        } else {
+            /* bit-plane order within each chunk: element (i * per + p) of the chunk goes to p * chunk + i */
+            for (int j = 0; j < block; j++) natural[j] = j < valid ? nearbyintf(x[base + j] * inv) : 0.f;
+            for (int c = 0; c < block; c += span)
+                for (int p = 0; p < per; p++)
+                    for (int i = 0; i < chunk; i++) {
+                        int v = (int)natural[c + i * per + p];
+                        q[c + p * chunk + i] = (int8_t)v;
+                        total += v;
+                    }
+        }
+        a->scale[b] = d;
+        memset(a->correction + 8 * b, 0, 8 * sizeof(int32_t));
+        a->correction[8 * b] = w->bits == 8 ? 0 : -(1 << (w->bits - 1)) * total;
+        a->sum[b] = d * (float)total;
+        a->exact[b] = exact;
+    }
+}
+
+/* ---- one output row: sum over blocks of scale * (integer dot) ------------------------------------------ */
+
+/* Integer dot of one block: codes as the kernel reads them (unsigned for 2/4 bits, code-128 for 8 bits). */
+static int32_t block_dot_portable(const ec_linear *w, const uint8_t *codes, const int8_t *q) {
+    const int per = 8 / w->bits, chunk = chunk_bytes(w), chunks = bytes_per_block(w) / chunk;
+    const int mask = (1 << w->bits) - 1, base = w->bits == 8 ? 128 : 0;
+    int32_t total = 0, idx = 0;
+    for (int c = 0; c < chunks; c++)
+        for (int p = 0; p < per; p++)
+            for (int i = 0; i < chunk; i++) total += (((codes[c * chunk + i] >> (p * w->bits)) & mask) - base) * q[idx++];
+    return total;
+}
+
+#ifdef EC_AVX2
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Four rows at a time from the interleaved copy (`packed`: [n/4, blocks, chunks, 4 rows, 16 bytes], scales
+ * [n/4, blocks, 4]): every 16-byte chunk of four rows is one 64-byte line, read once, in order. One 32-byte
+ * load holds two rows; each bit plane of it meets the same 16 activations, broadcast to both halves. */
+static inline __attribute__((always_inline)) __m256i planes_dot(const int bits, __m256i raw, const int8_t *q) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (bits == 8) {
+        __m256i codes = _mm256_xor_si256(raw, _mm256_set1_epi8((char)0x80));
+        __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q));
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(codes, codes), _mm256_sign_epi8(x, codes)), ones);
+    }
+    const __m256i mask = _mm256_set1_epi8(bits == 4 ? 0x0F : 0x03);
+    __m256i pairs = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int p = 0; p < 8 / bits; p++) {
+        __m256i plane = _mm256_and_si256(_mm256_srli_epi16(raw, p * bits), mask);
+        __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(q + 16 * p)));
+        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(plane, x)); /* <= 4 * 2 * 15 * 127: no overflow */
+    }
+    return _mm256_madd_epi16(pairs, ones);
+}
+
+static inline __attribute__((always_inline)) void rows4_avx2(const int bits, const ec_linear *w, int group,
+                                                            const ec_act *a, float *out, int count) {
+    const int blocks = (w->k + w->block - 1) / w->block, bpb = bytes_per_block(w), per = 8 / bits;
+    const uint8_t *codes = w->packed + (size_t)group * blocks * bpb * 4;
+    const float *scales = w->packed_scales + (size_t)group * blocks * 4;
+    const __m256i rows01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), rows23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    __m256 acc01 = _mm256_setzero_ps(), acc23 = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        const int8_t *q = a->q + b * w->block;
+        __m256i dot01 = _mm256_setzero_si256(), dot23 = _mm256_setzero_si256();
+        for (int c = 0; c < bpb; c += 16, codes += 64, q += 16 * per) {
+            dot01 = _mm256_add_epi32(dot01, planes_dot(bits, _mm256_loadu_si256((const __m256i *)codes), q));
+            dot23 = _mm256_add_epi32(dot23, planes_dot(bits, _mm256_loadu_si256((const __m256i *)(codes + 32)), q));
+        }
+        /* each row's sum is spread over 4 lanes: its correction goes into one of them */
+        const int32_t c = a->correction[8 * b];
+        const __m256i correction = _mm256_setr_epi32(c, 0, 0, 0, c, 0, 0, 0);
+        const __m256 scale = _mm256_mul_ps(_mm256_castps128_ps256(_mm_loadu_ps(scales + 4 * b)), _mm256_set1_ps(a->scale[b]));
+        dot01 = _mm256_add_epi32(dot01, correction);
+        dot23 = _mm256_add_epi32(dot23, correction);
+        acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot01), _mm256_permutevar8x32_ps(scale, rows01), acc01);
+        acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot23), _mm256_permutevar8x32_ps(scale, rows23), acc23);
+    }
+    /* lanes 0-3: first row of the pair, 4-7: second */
+    __m256 h = _mm256_hadd_ps(acc01, acc23);  /* r0 r0 r2 r2 | r1 r1 r3 r3 */
+    h = _mm256_hadd_ps(h, h);                 /* r0 r2 r0 r2 | r1 r3 r1 r3 */
+    float lanes[8];
+    _mm256_storeu_ps(lanes, h);
+    const float rows[4] = {lanes[0], lanes[4], lanes[1], lanes[5]};
+    for (int r = 0; r < count; r++) out[r] = rows[r];
+}
+
+#define EC_ROW_KERNELS(bits)                                                                                   \
+    static void rows_##bits(const ec_linear *w, int row, int count, const ec_act *a, float *out) {              \
+        for (int r = 0; r < count; r += 4)                                                                      \
+            rows4_avx2(bits, w, (row + r) / 4, a, out + r, count - r < 4 ? count - r : 4);                     \
+    }
+EC_ROW_KERNELS(2)
+EC_ROW_KERNELS(4)
+EC_ROW_KERNELS(8)
+
+static int avx2_covers(const ec_linear *w) {
+    return w->packed && bytes_per_block(w) % 16 == 0;
+}
+#endif
+
+/* What the middle-code dot misses: explicit zero points ((middle - z) * sum(x) per block) and float zero
+ * points (offset * exact block sum). */
+static float zero_point_term(const ec_linear *w, int row, const ec_act *a) {
+    const int blocks = (w->k + w->block - 1) / w->block, middle = 1 << (w->bits - 1);
+    const float *scales = w->scales + (size_t)row * blocks;
+    float total = 0.f;
+    if (w->zero_points) {
+        const int per = 8 / w->bits, mask = (1 << w->bits) - 1, stride = (blocks * w->bits + 7) / 8;
+        const uint8_t *zp = w->zero_points + (size_t)row * stride;
+        for (int b = 0; b < blocks; b++) {
+            int z = (zp[b / per] >> ((b % per) * w->bits)) & mask;
+            total += scales[b] * (float)(middle - z) * a->sum[b];
+        }
+    }
+    if (w->offsets) {
+        const float *off = w->offsets + (size_t)row * blocks;
+        for (int b = 0; b < blocks; b++) total += off[b] * a->exact[b];
+    }
+    return total;
+}
+
+static void quantized_rows(const ec_linear *w, int row, int count, const ec_act *a, float *out) {
+    const int blocks = (w->k + w->block - 1) / w->block, bpb = bytes_per_block(w);
+    const int explicit_zero = w->zero_points || w->offsets;
+#ifdef EC_AVX2
+    if (avx2_covers(w)) {
+        if (w->bits == 4) rows_4(w, row, count, a, out);
+        else if (w->bits == 2) rows_2(w, row, count, a, out);
+        else rows_8(w, row, count, a, out);
+        if (explicit_zero)
+            for (int r = 0; r < count; r++) out[r] += zero_point_term(w, row + r, a);
+        return;
+    }
+#endif
+    for (int r = 0; r < count; r++) {
+        float total = 0.f;
+        for (int b = 0; b < blocks; b++) {
+            const uint8_t *codes = w->codes + ((size_t)(row + r) * blocks + b) * bpb;
+            total += w->scales[(size_t)(row + r) * blocks + b] * a->scale[b] *
+                     (float)(block_dot_portable(w, codes, a->q + b * w->block) + a->correction[8 * b]);
+        }
+        out[r] = total + (explicit_zero ? zero_point_term(w, row + r, a) : 0.f);
+    }
+}
+
+static void dense_rows(const ec_linear *w, int row, int count, const float *x, float *out) {
+    if (w->dense_nk) {
+        for (int r = 0; r < count; r++) {
+            const float *wr = w->dense + (size_t)(row + r) * w->k;
+            int i = 0;
+            float total = 0.f;
+#ifdef EC_AVX2
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+            for (; i + 16 <= w->k; i += 16) {
+                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i), _mm256_loadu_ps(x + i), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
+            }
+            total = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+            for (; i < w->k; i++) total += wr[i] * x[i];
+            out[r] = total;
+        }
+        return;
+    }
+    for (int r = 0; r < count; r++) out[r] = 0.f;
+    for (int i = 0; i < w->k; i++) {
+        const float *wr = w->dense + (size_t)i * w->n + row, xi = x[i];
+        for (int r = 0; r < count; r++) out[r] += xi * wr[r];
+    }
+}
+
+/* ---- per-step pieces --------------------------------------------------------------------------------- */
+
+typedef struct {
+    float *gathered; /* input_order scratch */
+    ec_act act;
+} ec_scratch;
+
+static void prepare_input(const ec_linear *w, const float *x, ec_scratch *s) {
+    if (!w->dense) quantize(w, x, s->gathered, &s->act);
+}
+
+static void linear_rows(const ec_linear *w, int row, int count, const float *x, const ec_scratch *s, float *out) {
+    if (w->dense) {
+        const float *in = x;
+        if (w->input_order) {
+            for (int i = 0; i < w->k; i++) s->gathered[i] = x[w->input_order[i]];
+            in = s->gathered;
+        }
+        dense_rows(w, row, count, in, out);
+    } else {
+        quantized_rows(w, row, count, &s->act, out);
+    }
+}
+
+/* Rows of one linear split over the team in chunks (an idle-neighbour VM makes static splits wait). */
+#define EC_ROW_CHUNK 32
+static void linear_team(const ec_linear *w, const float *x, const ec_scratch *s, float *out) {
+    const int chunks = (w->n + EC_ROW_CHUNK - 1) / EC_ROW_CHUNK;
+#pragma omp for schedule(dynamic, 1)
+    for (int c = 0; c < chunks; c++) {
+        int row = c * EC_ROW_CHUNK, count = w->n - row < EC_ROW_CHUNK ? w->n - row : EC_ROW_CHUNK;
+        linear_rows(w, row, count, x, s, out + row);
+    }
+}
+
+static void rms_norm(const float *x, const float *weight, int n, float eps, float *out) {
+    float ss = 0.f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float inv = 1.f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * inv * weight[i];
+}
+
+static void rotate(float *v, const float *cos, const float *sin, int rotary_dim) {
+    const int half = rotary_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
+static void embed(const ec_model *m, int token, float *out) {
+    const ec_linear *t = &m->table;
+    if (t->dense) {
+        for (int i = 0; i < m->hidden; i++) out[i] = t->dense[(size_t)token * m->hidden + i] * m->embedding_scale;
+        return;
+    }
+    const int blocks = (t->k + t->block - 1) / t->block, bpb = bytes_per_block(t), per = 8 / t->bits;
+    const int mask = (1 << t->bits) - 1, zstride = (blocks * t->bits + 7) / 8;
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *codes = t->codes + ((size_t)token * blocks + b) * bpb;
+        float scale = t->scales[(size_t)token * blocks + b] * m->embedding_scale;
+        int z = 1 << (t->bits - 1);
+        if (t->zero_points) z = (t->zero_points[(size_t)token * zstride + b / per] >> ((b % per) * t->bits)) & mask;
+        for (int j = 0; j < t->block && b * t->block + j < t->k; j++) {
+            int code = (codes[j / per] >> ((j % per) * t->bits)) & mask;
+            out[b * t->block + j] = (float)(code - z) * scale;
+        }
+    }
+}
+
+static float activation(const ec_model *m, float gate) {
+    if (m->activation == 1) return gate > m->activation_param ? gate : 0.f;
+    return gate / (1.f + expf(-gate));
+}
+
+/* One head of attention over positions 0..position; the new key/value come from qkv, not the cache. */
+static void attend(const ec_model *m, const ec_layer *l, int head, int position, const float *qkv, float *scores,
+                   float *out) {
+    const int d = m->head_dim, group = m->heads / m->kv_heads, g = head / group;
+    const float *cos = m->rope_cos + (size_t)position * (m->rotary_dim / 2);
+    const float *sin = m->rope_sin + (size_t)position * (m->rotary_dim / 2);
+    float q[512], k_new[512];
+    memcpy(q, qkv + head * d, sizeof(float) * d);
+    memcpy(k_new, qkv + (m->heads + g) * d, sizeof(float) * d);
+    const float *v_new = qkv + (m->heads + m->kv_heads + g) * d;
+    rotate(q, cos, sin, m->rotary_dim);
+    rotate(k_new, cos, sin, m->rotary_dim);
+    const float *keys = l->k_cache + (size_t)g * m->max_context * d, *values = l->v_cache + (size_t)g * m->max_context * d;
+    float top = -INFINITY;
+    for (int t = 0; t <= position; t++) {
+        const float *k = t == position ? k_new : keys + (size_t)t * d;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int i = 0; i < d; i++) dot += q[i] * k[i];
+        scores[t] = dot * m->attention_scale;
+        top = fmaxf(top, scores[t]);
+    }
+    float total = 0.f;
+    for (int t = 0; t <= position; t++) total += scores[t] = expf(scores[t] - top);
+    const float inv = 1.f / total;
+    for (int i = 0; i < d; i++) out[i] = 0.f;
+    for (int t = 0; t <= position; t++) {
+        const float *v = t == position ? v_new : values + (size_t)t * d, p = scores[t] * inv;
+#pragma omp simd
+        for (int i = 0; i < d; i++) out[i] += p * v[i];
+    }
+}
+
+static void store_kv(const ec_model *m, const ec_layer *l, int g, int position, const float *qkv) {
+    const int d = m->head_dim;
+    float *k = l->k_cache + ((size_t)g * m->max_context + position) * d;
+    float *v = l->v_cache + ((size_t)g * m->max_context + position) * d;
+    memcpy(k, qkv + (m->heads + g) * d, sizeof(float) * d);
+    rotate(k, m->rope_cos + (size_t)position * (m->rotary_dim / 2), m->rope_sin + (size_t)position * (m->rotary_dim / 2),
+           m->rotary_dim);
+    memcpy(v, qkv + (m->heads + m->kv_heads + g) * d, sizeof(float) * d);
+}
+
+/* ---- the step ------------------------------------------------------------------------------------------ */
+
+static size_t widest_input(const ec_model *m) {
+    size_t k = (size_t)m->hidden;
+    if ((size_t)m->intermediate > k) k = m->intermediate;
+    if ((size_t)(m->heads * m->head_dim) > k) k = m->heads * m->head_dim;
+    return k + 512; /* room for padding to whole blocks */
+}
+
+/* Shared buffers: qkv, attention output, branch output, gated activations, scores per head. */
+typedef struct {
+    float *qkv, *attention, *branch, *gated, *scores;
+} ec_shared;
+
+int ec_decode(const ec_model *m, int token, int position, float *logits) {
+    if (token < 0 || token >= m->vocab || position < 0 || position >= m->max_context) return 1;
+    const int H = m->hidden, I = m->intermediate, D = m->head_dim;
+    const size_t wide = widest_input(m);
+    ec_shared sh;
+    sh.qkv = malloc(sizeof(float) * (size_t)(m->heads + 2 * m->kv_heads) * D);
+    sh.attention = malloc(sizeof(float) * wide);
+    sh.branch = malloc(sizeof(float) * H);
+    sh.gated = malloc(sizeof(float) * wide);
+    sh.scores = malloc(sizeof(float) * (size_t)m->heads * (position + 1));
+    int failed = !sh.qkv || !sh.attention || !sh.branch || !sh.gated || !sh.scores;
+    if (!failed) {
+        memset(sh.attention, 0, sizeof(float) * wide);
+        memset(sh.gated, 0, sizeof(float) * wide);
+#pragma omp parallel num_threads(m->threads)
+        {
+            float *x = malloc(sizeof(float) * H), *h = malloc(sizeof(float) * wide);
+            ec_scratch s;
+            const size_t blocks = wide / 16 + 1;
+            s.gathered = malloc(sizeof(float) * wide);
+            s.act.q = malloc(wide);
+            s.act.scale = malloc(sizeof(float) * blocks);
+            s.act.sum = malloc(sizeof(float) * blocks);
+            s.act.exact = malloc(sizeof(float) * blocks);
+            s.act.correction = malloc(sizeof(int32_t) * 8 * blocks);
+            /* every thread holds the residual stream: a few hundred floats, no barrier to share it */
+            embed(m, token, x);
+            for (int li = 0; li < m->layers; li++) {
+                const ec_layer *l = &m->layer[li];
+                rms_norm(x, l->input_norm, H, m->eps, h);
+                prepare_input(&l->qkv, h, &s);
+                linear_team(&l->qkv, h, &s, sh.qkv);
+#pragma omp for schedule(static)
+                for (int head = 0; head < m->heads; head++)
+                    attend(m, l, head, position, sh.qkv, sh.scores + (size_t)head * (position + 1), sh.attention + head * D);
+#pragma omp for schedule(static) nowait
+                for (int g = 0; g < m->kv_heads; g++) store_kv(m, l, g, position, sh.qkv);
+                prepare_input(&l->o, sh.attention, &s);
+                linear_team(&l->o, sh.attention, &s, sh.branch);
+                for (int i = 0; i < H; i++) x[i] += sh.branch[i];
+                rms_norm(x, l->post_norm, H, m->eps, h);
+                prepare_input(&l->gate_up, h, &s);
+                {
+                    const int chunks = (I + EC_ROW_CHUNK - 1) / EC_ROW_CHUNK;
+                    float gate[EC_ROW_CHUNK], up[EC_ROW_CHUNK];
+#pragma omp for schedule(dynamic, 1)
+                    for (int c = 0; c < chunks; c++) {
+                        int row = c * EC_ROW_CHUNK, count = I - row < EC_ROW_CHUNK ? I - row : EC_ROW_CHUNK;
+                        linear_rows(&l->gate_up, row, count, h, &s, gate);
+                        linear_rows(&l->gate_up, I + row, count, h, &s, up);
+                        for (int r = 0; r < count; r++) sh.gated[row + r] = activation(m, gate[r]) * up[r];
+                    }
+                }
+                prepare_input(&l->down, sh.gated, &s);
+                linear_team(&l->down, sh.gated, &s, sh.branch);
+                for (int i = 0; i < H; i++) x[i] += sh.branch[i];
+            }
+            rms_norm(x, m->final_norm, H, m->eps, h);
+            prepare_input(&m->head, h, &s);
+            linear_team(&m->head, h, &s, logits);
+            free(x); free(h); free(s.gathered); free(s.act.q); free(s.act.scale); free(s.act.sum); free(s.act.exact);
+            free(s.act.correction);
+        }
+    }
+    free(sh.qkv); free(sh.attention); free(sh.branch); free(sh.gated); free(sh.scores);
+    return failed ? 2 : 0;
+}
+
+int ec_has_avx2(void) {
+#ifdef EC_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}

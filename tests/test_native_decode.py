@@ -1,0 +1,133 @@
+"""Native decode kernels against onnxruntime running the same bundle (an independent implementation).
+
+fp32 bundles: the kernels and the graph compute the same float math, so decode logits agree to FP32_ATOL.
+Quantized bundles (accuracy level 4): both quantize each linear's input to int8 per weight block; the
+kernels round and sum in their own order, so they agree with MatMulNBits to INT8_ACTIVATION_RTOL of the
+logit range, and greedy tokens match.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgecpm.errors import BundleError
+from edgecpm.export import export_checkpoint
+from edgecpm.quant.plan import QuantizationWarning
+from edgecpm.quant.spec import QuantSpec
+from edgecpm.runtimes.native import load_library
+from edgecpm.runtimes.onnxruntime import load_backend
+from gptq_writer import write_gptq_checkpoint
+from tiny_models import write_hf_checkpoint
+
+FP32_ATOL = 1e-4
+INT8_ACTIVATION_RTOL = 0.02  # of max |logit|
+PROMPT = np.array([5, 9, 11, 40, 7, 100, 3, 60, 61, 62], dtype=np.int64)
+DECODE_STEPS = 20
+MAX_CONTEXT = 64
+KEYS = [("llama", "dense"), ("llama", "llama3_rope"), ("minicpm", "dense"), ("minicpm", "untied"), ("minicpm", "longrope"),
+        ("minicpm", "fatrelu")]
+SCHEMES = {"fp32": None, "int4": QuantSpec("int4"), "int4-asym": QuantSpec("int4", symmetric=False),
+           "int4-b64": QuantSpec("int4", block_size=64), "int8": QuantSpec("int8"),
+           "int4-tables4": QuantSpec("int4", lm_head="int4", embeddings="int4"),
+           "ternary": QuantSpec("ternary", block_size=64)}
+
+try:
+    load_library()
+    KERNELS_MISSING = None
+except Exception as error:  # noqa: BLE001 - the reason is the skip message
+    KERNELS_MISSING = str(error)
+needs_kernels = pytest.mark.skipif(KERNELS_MISSING is not None, reason=f"native kernels unavailable: {KERNELS_MISSING}")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("native_decode")
+
+
+def export(source: Path, out: Path, spec: QuantSpec | None) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QuantizationWarning)  # ternary of dense random weights is lossy on purpose
+        return export_checkpoint(source, out, flavour="ort", max_context=MAX_CONTEXT, quant=spec, quality_tokens=16)
+
+
+def decode_both(bundle: Path, steps: int = DECODE_STEPS) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(onnxruntime, native) decode logits for the same tokens (onnxruntime's greedy choices)."""
+    graph = load_backend(bundle, kernels="onnxruntime", threads=1)
+    native = load_backend(bundle, kernels="native", threads=2)
+    assert native.native is not None and graph.native is None
+    tokens = [int(graph.prefill(PROMPT).argmax())]
+    native.prefill(PROMPT)
+    expected, got = [], []
+    for _ in range(steps):
+        expected.append(graph.decode(tokens[-1]))
+        got.append(native.decode(tokens[-1]))
+        tokens.append(int(expected[-1].argmax()))
+    return expected, got
+
+
+def checkpoint(workdir: Path, key) -> Path:
+    directory = workdir / "-".join(key)
+    if not directory.exists():
+        write_hf_checkpoint(directory, key)
+    return directory
+
+
+@needs_kernels
+@pytest.mark.parametrize("key", KEYS, ids=["-".join(k) for k in KEYS])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_native_decode_matches_onnxruntime(workdir, key, scheme):
+    bundle = export(checkpoint(workdir, key), workdir / f"{'-'.join(key)}-{scheme}", SCHEMES[scheme])
+    expected, got = decode_both(bundle)
+    worst = max(float(np.abs(e - g).max()) for e, g in zip(expected, got))
+    if scheme == "fp32":
+        assert worst <= FP32_ATOL
+    else:
+        scale = max(float(np.abs(e).max()) for e in expected)
+        assert worst <= INT8_ACTIVATION_RTOL * scale
+        assert [int(e.argmax()) for e in expected] == [int(g.argmax()) for g in got]
+
+
+def gptq_bundle(workdir: Path, symmetric: bool, act_order: bool) -> Path:
+    source = workdir / f"gptq-{symmetric}-{act_order}"
+    write_gptq_checkpoint(source, ("minicpm", "dense"), group_size=32, symmetric=symmetric, act_order=act_order)
+    return export(source, workdir / f"gptq-bundle-{symmetric}-{act_order}", None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_native_decode_reads_gptq_codes_and_zero_points(workdir, symmetric):
+    expected, got = decode_both(gptq_bundle(workdir, symmetric, act_order=False))
+    scale = max(float(np.abs(e).max()) for e in expected)
+    assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= INT8_ACTIVATION_RTOL * scale
+
+
+@needs_kernels
+def test_kv_cache_is_shared_with_the_graph(workdir):
+    """Native decode steps, then a graph prefill of more tokens over the same cache (a chat turn)."""
+    bundle = export(checkpoint(workdir, ("llama", "dense")), workdir / "shared-kv", None)
+    native = load_backend(bundle, kernels="native", threads=2)
+    graph = load_backend(bundle, kernels="onnxruntime", threads=1)
+    turn = np.array([20, 21, 22], dtype=np.int64)
+    for backend in (native, graph):
+        backend.prefill(PROMPT)
+        for token in (30, 31, 32):
+            backend.decode(token)
+    np.testing.assert_allclose(native.prefill(turn), graph.prefill(turn), atol=FP32_ATOL)
+
+
+def test_bundles_the_kernels_do_not_implement_decode_with_onnxruntime(workdir):
+    mla = export(checkpoint(workdir, ("minicpm3", "mla")), workdir / "mla", None)
+    assert load_backend(mla).native_unavailable == "not requested"  # the default decodes with onnxruntime
+    backend = load_backend(mla, kernels="auto")
+    assert backend.native is None and "minicpm3" in backend.native_unavailable
+    with pytest.raises(BundleError, match="native decode kernels unavailable: architecture 'minicpm3'"):
+        load_backend(mla, kernels="native")
+    exact = export_checkpoint(checkpoint(workdir, ("llama", "dense")), workdir / "level0", max_context=MAX_CONTEXT,
+                              quant=QuantSpec("int4"), accuracy_level=0, quality_tokens=16)
+    assert "accuracy level 0" in load_backend(exact, kernels="auto").native_unavailable
+    # act-order GPTQ: q/k/v keep their own channel orders, so they stay separate MatMuls in the graph
+    assert "separate MatMuls" in load_backend(gptq_bundle(workdir, False, act_order=True), kernels="auto").native_unavailable
