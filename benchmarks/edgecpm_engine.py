@@ -1,7 +1,7 @@
 """Decode/prefill throughput of an edgecpm bundle through the onnxruntime Backend (no generation loop).
 
     python benchmarks/edgecpm_engine.py BUNDLE [--prompt-tokens 100] [--new-tokens 128] [--repeats 3] [--threads N]
-                                               [--no-spin] [--no-prepack]
+                                               [--no-spin] [--no-prepack] [--kernels onnxruntime|native]
 
 `run_edgecpm` is what the peer comparison (benchmarks/bench_decode.py) calls: greedy decoding, timed
 separately for the prefill and for the decode steps (argmax included, as any generation loop pays it).
@@ -50,15 +50,18 @@ def main() -> None:
     parser.add_argument("--no-spin", dest="spin", action="store_false", help="no intra-op spinning (shared machine)")
     parser.add_argument("--no-prepack", dest="prepack", action="store_const", const=False, default=None,
                         help="keep weights unpacked (default: the runtime's choice per flavour)")
+    parser.add_argument("--kernels", default="onnxruntime", help="who runs decode steps (onnxruntime, native)")
     args = parser.parse_args()
     from edgecpm.runtimes.onnxruntime import load_backend
 
-    backend = load_backend(Path(args.bundle), threads=args.threads, spin=args.spin, prepack=args.prepack)
+    backend = load_backend(Path(args.bundle), threads=args.threads, spin=args.spin, prepack=args.prepack,
+                           kernels=args.kernels)
     prompt = (np.arange(args.prompt_tokens) * 37 + 11) % 1000 + 100  # deterministic ordinary-token prompt
     run_edgecpm(args.bundle, prompt, 8, backend=backend)  # warm-up (first-run allocations, thread pool)
     runs = [run_edgecpm(args.bundle, prompt, args.new_tokens, backend=backend) for _ in range(args.repeats)]
     print(json.dumps({
         "bundle": args.bundle,
+        "kernels": args.kernels,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "prefill_tokens_per_second": statistics.median(r["prefill_tokens_per_second"] for r in runs),
