@@ -52,6 +52,13 @@ def _compiler() -> str:
 
 @cache
 def load_library() -> ctypes.CDLL:
+    try:
+        return _build_and_load()
+    except OSError as error:  # unwritable cache directory, a library the loader refuses
+        raise KernelsUnavailable(f"native kernels: {error}") from None
+
+
+def _build_and_load() -> ctypes.CDLL:
     compiler = _compiler()
     source = SOURCE.read_bytes()
     errors = []

@@ -182,7 +182,6 @@ class NativeDecoder:
 def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Sequence[int], threads: int) -> NativeDecoder:
     """kv_pointers: the runtime's [1, kv_heads, max_context, head_dim] fp32 buffers, key then value per layer."""
     _check(manifest)
-    library = load_library()
     arch = manifest.architecture
     weights = _Weights(bundle_dir / manifest.extra["data_files"][0], manifest.extra["tensors"])
     if float_activations := weights.quantized_with_float_activations():
@@ -207,4 +206,4 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Sequence[i
         rope_cos=weights.pointer("rope_cos", np.float32), rope_sin=weights.pointer("rope_sin", np.float32),
         table=table, head=head, final_norm=weights.pointer("final_norm", np.float32),
         layer=ctypes.cast(layers, ctypes.POINTER(Layer)))
-    return NativeDecoder(library, model, [weights, layers])
+    return NativeDecoder(load_library(), model, [weights, layers])
