@@ -79,6 +79,5 @@ def _build_and_load() -> ctypes.CDLL:
         library = ctypes.CDLL(str(target))
         library.ec_decode.restype = ctypes.c_int
         library.ec_decode.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-        library.ec_has_avx2.restype = ctypes.c_int
         return library
     raise KernelsUnavailable(f"could not compile {SOURCE.name} with {compiler}: {'; '.join(errors)}")

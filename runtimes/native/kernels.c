@@ -473,11 +473,3 @@ int ec_decode(const ec_model *m, int token, int position, float *logits) {
     free(sh.qkv); free(sh.attention); free(sh.branch); free(sh.gated); free(sh.scores);
     return failed ? 2 : 0;
 }
-
-int ec_has_avx2(void) {
-#ifdef EC_AVX2
-    return 1;
-#else
-    return 0;
-#endif
-}
