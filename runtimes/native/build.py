@@ -77,7 +77,11 @@ def _build_and_load() -> ctypes.CDLL:
                     continue
                 os.replace(built, target)
         library = ctypes.CDLL(str(target))
+        library.ec_state_new.restype = ctypes.c_void_p
+        library.ec_state_new.argtypes = [ctypes.c_void_p]
+        library.ec_state_free.restype = None
+        library.ec_state_free.argtypes = [ctypes.c_void_p]
         library.ec_decode.restype = ctypes.c_int
-        library.ec_decode.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        library.ec_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
         return library
     raise KernelsUnavailable(f"could not compile {SOURCE.name} with {compiler}: {'; '.join(errors)}")

@@ -172,11 +172,19 @@ class NativeDecoder:
 
     def __init__(self, library: ctypes.CDLL, model: Model, keep: list):
         self._library, self._model, self._keep = library, model, keep
+        self._state = library.ec_state_new(ctypes.byref(model))  # buffers for every step, allocated once
+        if not self._state:
+            raise KernelsUnavailable("could not allocate the decode buffers")
 
     def decode(self, token: int, position: int, logits: np.ndarray) -> None:
-        status = self._library.ec_decode(ctypes.byref(self._model), int(token), int(position), logits.ctypes.data)
+        status = self._library.ec_decode(ctypes.byref(self._model), self._state, int(token), int(position),
+                                         logits.ctypes.data)
         if status:
             raise GenerationError(f"native decode refused token {token} at position {position} (status {status})")
+
+    def __del__(self):
+        if getattr(self, "_state", None):
+            self._library.ec_state_free(self._state)
 
 
 def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Sequence[int], threads: int) -> NativeDecoder:

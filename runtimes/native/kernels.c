@@ -16,6 +16,8 @@
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
+#else
+#define omp_get_thread_num() 0
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -35,7 +37,7 @@ typedef struct {
     const float *packed_scales;
     /* or float: dense [k, n] (MatMul) when dense_nk == 0, [n, k] (Gemm transB / table) when 1 */
     const float *dense;
-    const int32_t *input_order; /* [k]: the input is gathered first (act-order GPTQ), or NULL */
+    const int32_t *input_order; /* [k]: the input is gathered first (act-order GPTQ; quantized only), or NULL */
     int32_t n, k, bits, block, dense_nk;
 } ec_linear;
 
@@ -63,7 +65,7 @@ typedef struct {
     float *scale; /* per block */
     float *sum;   /* per block: scale * sum(q), the input sum as the integer dot sees it */
     float *exact; /* per block: the float input sum (for float zero points) */
-    int32_t *correction; /* per block, 8 lanes: -(middle code) * sum(q) in lane 0 (2/4 bits; 8-bit codes are centred) */
+    int32_t *correction; /* per block: -(middle code) * sum(q) (2/4 bits; the kernels centre 8-bit codes themselves) */
 } ec_act;
 
 static int bytes_per_block(const ec_linear *w) { return w->block * w->bits / 8; }
@@ -107,8 +109,7 @@ static void quantize(const ec_linear *w, const float *x_in, float *gathered, ec_
                     }
         }
         a->scale[b] = d;
-        memset(a->correction + 8 * b, 0, 8 * sizeof(int32_t));
-        a->correction[8 * b] = w->bits == 8 ? 0 : -(1 << (w->bits - 1)) * total;
+        a->correction[b] = w->bits == 8 ? 0 : -(1 << (w->bits - 1)) * total;
         a->sum[b] = d * (float)total;
         a->exact[b] = exact;
     }
@@ -171,7 +172,7 @@ static inline __attribute__((always_inline)) void rows4_avx2(const int bits, con
             dot23 = _mm256_add_epi32(dot23, planes_dot(bits, _mm256_loadu_si256((const __m256i *)(codes + 32)), q));
         }
         /* each row's sum is spread over 4 lanes: its correction goes into one of them */
-        const int32_t c = a->correction[8 * b];
+        const int32_t c = a->correction[b];
         const __m256i correction = _mm256_setr_epi32(c, 0, 0, 0, c, 0, 0, 0);
         const __m256 scale = _mm256_mul_ps(_mm256_castps128_ps256(_mm_loadu_ps(scales + 4 * b)), _mm256_set1_ps(a->scale[b]));
         dot01 = _mm256_add_epi32(dot01, correction);
@@ -202,20 +203,21 @@ static int avx2_covers(const ec_linear *w) {
 }
 #endif
 
+/* The integer zero point of one block: stored (packed like the codes, per row) or the middle code. */
+static int zero_point(const ec_linear *w, int row, int b) {
+    if (!w->zero_points) return 1 << (w->bits - 1);
+    const int blocks = (w->k + w->block - 1) / w->block, per = 8 / w->bits, stride = (blocks * w->bits + 7) / 8;
+    return (w->zero_points[(size_t)row * stride + b / per] >> ((b % per) * w->bits)) & ((1 << w->bits) - 1);
+}
+
 /* What the middle-code dot misses: explicit zero points ((middle - z) * sum(x) per block) and float zero
  * points (offset * exact block sum). */
 static float zero_point_term(const ec_linear *w, int row, const ec_act *a) {
     const int blocks = (w->k + w->block - 1) / w->block, middle = 1 << (w->bits - 1);
     const float *scales = w->scales + (size_t)row * blocks;
     float total = 0.f;
-    if (w->zero_points) {
-        const int per = 8 / w->bits, mask = (1 << w->bits) - 1, stride = (blocks * w->bits + 7) / 8;
-        const uint8_t *zp = w->zero_points + (size_t)row * stride;
-        for (int b = 0; b < blocks; b++) {
-            int z = (zp[b / per] >> ((b % per) * w->bits)) & mask;
-            total += scales[b] * (float)(middle - z) * a->sum[b];
-        }
-    }
+    if (w->zero_points)
+        for (int b = 0; b < blocks; b++) total += scales[b] * (float)(middle - zero_point(w, row, b)) * a->sum[b];
     if (w->offsets) {
         const float *off = w->offsets + (size_t)row * blocks;
         for (int b = 0; b < blocks; b++) total += off[b] * a->exact[b];
@@ -241,7 +243,7 @@ static void quantized_rows(const ec_linear *w, int row, int count, const ec_act 
         for (int b = 0; b < blocks; b++) {
             const uint8_t *codes = w->codes + ((size_t)(row + r) * blocks + b) * bpb;
             total += w->scales[(size_t)(row + r) * blocks + b] * a->scale[b] *
-                     (float)(block_dot_portable(w, codes, a->q + b * w->block) + a->correction[8 * b]);
+                     (float)(block_dot_portable(w, codes, a->q + b * w->block) + a->correction[b]);
         }
         out[r] = total + (explicit_zero ? zero_point_term(w, row + r, a) : 0.f);
     }
@@ -285,16 +287,8 @@ static void prepare_input(const ec_linear *w, const float *x, ec_scratch *s) {
 }
 
 static void linear_rows(const ec_linear *w, int row, int count, const float *x, const ec_scratch *s, float *out) {
-    if (w->dense) {
-        const float *in = x;
-        if (w->input_order) {
-            for (int i = 0; i < w->k; i++) s->gathered[i] = x[w->input_order[i]];
-            in = s->gathered;
-        }
-        dense_rows(w, row, count, in, out);
-    } else {
-        quantized_rows(w, row, count, &s->act, out);
-    }
+    if (w->dense) dense_rows(w, row, count, x, out);
+    else quantized_rows(w, row, count, &s->act, out);
 }
 
 /* Rows of one linear split over the team in chunks (an idle-neighbour VM makes static splits wait). */
@@ -331,12 +325,11 @@ static void embed(const ec_model *m, int token, float *out) {
         return;
     }
     const int blocks = (t->k + t->block - 1) / t->block, bpb = bytes_per_block(t), per = 8 / t->bits;
-    const int mask = (1 << t->bits) - 1, zstride = (blocks * t->bits + 7) / 8;
+    const int mask = (1 << t->bits) - 1;
     for (int b = 0; b < blocks; b++) {
         const uint8_t *codes = t->codes + ((size_t)token * blocks + b) * bpb;
-        float scale = t->scales[(size_t)token * blocks + b] * m->embedding_scale;
-        int z = 1 << (t->bits - 1);
-        if (t->zero_points) z = (t->zero_points[(size_t)token * zstride + b / per] >> ((b % per) * t->bits)) & mask;
+        const float scale = t->scales[(size_t)token * blocks + b] * m->embedding_scale;
+        const int z = zero_point(t, token, b);
         for (int j = 0; j < t->block && b * t->block + j < t->k; j++) {
             int code = (codes[j / per] >> ((j % per) * t->bits)) & mask;
             out[b * t->block + j] = (float)(code - z) * scale;
@@ -401,75 +394,104 @@ static size_t widest_input(const ec_model *m) {
     return k + 512; /* room for padding to whole blocks */
 }
 
-/* Shared buffers: qkv, attention output, branch output, gated activations, scores per head. */
+/* Buffers of one decoder, allocated once (ec_state_new): shared between threads, then one scratch per thread. */
 typedef struct {
-    float *qkv, *attention, *branch, *gated, *scores;
-} ec_shared;
+    float *residual, *normed;
+    ec_scratch s;
+} ec_thread;
 
-int ec_decode(const ec_model *m, int token, int position, float *logits) {
+typedef struct {
+    float *qkv, *attention, *branch, *gated, *scores; /* scores: [heads, max_context] */
+    int threads;
+    ec_thread *thread;
+} ec_state;
+
+void ec_state_free(ec_state *st) {
+    if (!st) return;
+    for (int t = 0; st->thread && t < st->threads; t++) {
+        free(st->thread[t].residual); free(st->thread[t].normed); free(st->thread[t].s.gathered);
+        free(st->thread[t].s.act.q); free(st->thread[t].s.act.scale); free(st->thread[t].s.act.sum);
+        free(st->thread[t].s.act.exact); free(st->thread[t].s.act.correction);
+    }
+    free(st->thread); free(st->qkv); free(st->attention); free(st->branch); free(st->gated); free(st->scores);
+    free(st);
+}
+
+ec_state *ec_state_new(const ec_model *m) {
+    const size_t wide = widest_input(m), blocks = wide / 16 + 1; /* blocks hold at least 16 values */
+    ec_state *st = calloc(1, sizeof(ec_state));
+    if (!st) return NULL;
+    st->threads = m->threads;
+    st->qkv = malloc(sizeof(float) * (size_t)(m->heads + 2 * m->kv_heads) * m->head_dim);
+    st->attention = malloc(sizeof(float) * wide);
+    st->branch = malloc(sizeof(float) * m->hidden);
+    st->gated = malloc(sizeof(float) * wide);
+    st->scores = malloc(sizeof(float) * (size_t)m->heads * m->max_context);
+    st->thread = calloc((size_t)m->threads, sizeof(*st->thread));
+    int ok = st->qkv && st->attention && st->branch && st->gated && st->scores && st->thread;
+    for (int t = 0; ok && t < m->threads; t++) {
+        ec_thread *own = &st->thread[t];
+        own->residual = malloc(sizeof(float) * m->hidden);
+        own->normed = malloc(sizeof(float) * wide);
+        own->s.gathered = malloc(sizeof(float) * wide);
+        own->s.act.q = malloc(wide);
+        own->s.act.scale = malloc(sizeof(float) * blocks);
+        own->s.act.sum = malloc(sizeof(float) * blocks);
+        own->s.act.exact = malloc(sizeof(float) * blocks);
+        own->s.act.correction = malloc(sizeof(int32_t) * blocks);
+        ok = own->residual && own->normed && own->s.gathered && own->s.act.q && own->s.act.scale && own->s.act.sum &&
+             own->s.act.exact && own->s.act.correction;
+    }
+    if (!ok) {
+        ec_state_free(st);
+        return NULL;
+    }
+    return st;
+}
+
+int ec_decode(const ec_model *m, ec_state *st, int token, int position, float *logits) {
     if (token < 0 || token >= m->vocab || position < 0 || position >= m->max_context) return 1;
     const int H = m->hidden, I = m->intermediate, D = m->head_dim;
-    const size_t wide = widest_input(m);
-    ec_shared sh;
-    sh.qkv = malloc(sizeof(float) * (size_t)(m->heads + 2 * m->kv_heads) * D);
-    sh.attention = malloc(sizeof(float) * wide);
-    sh.branch = malloc(sizeof(float) * H);
-    sh.gated = malloc(sizeof(float) * wide);
-    sh.scores = malloc(sizeof(float) * (size_t)m->heads * (position + 1));
-    int failed = !sh.qkv || !sh.attention || !sh.branch || !sh.gated || !sh.scores;
-    if (!failed) {
-        memset(sh.attention, 0, sizeof(float) * wide);
-        memset(sh.gated, 0, sizeof(float) * wide);
-#pragma omp parallel num_threads(m->threads)
-        {
-            float *x = malloc(sizeof(float) * H), *h = malloc(sizeof(float) * wide);
-            ec_scratch s;
-            const size_t blocks = wide / 16 + 1;
-            s.gathered = malloc(sizeof(float) * wide);
-            s.act.q = malloc(wide);
-            s.act.scale = malloc(sizeof(float) * blocks);
-            s.act.sum = malloc(sizeof(float) * blocks);
-            s.act.exact = malloc(sizeof(float) * blocks);
-            s.act.correction = malloc(sizeof(int32_t) * 8 * blocks);
-            /* every thread holds the residual stream: a few hundred floats, no barrier to share it */
-            embed(m, token, x);
-            for (int li = 0; li < m->layers; li++) {
-                const ec_layer *l = &m->layer[li];
-                rms_norm(x, l->input_norm, H, m->eps, h);
-                prepare_input(&l->qkv, h, &s);
-                linear_team(&l->qkv, h, &s, sh.qkv);
+#pragma omp parallel num_threads(st->threads)
+    {
+        /* every thread holds the residual stream: a few hundred floats, no barrier to share it */
+        ec_thread *own = &st->thread[omp_get_thread_num()];
+        float *x = own->residual, *h = own->normed;
+        ec_scratch *s = &own->s;
+        embed(m, token, x);
+        for (int li = 0; li < m->layers; li++) {
+            const ec_layer *l = &m->layer[li];
+            rms_norm(x, l->input_norm, H, m->eps, h);
+            prepare_input(&l->qkv, h, s);
+            linear_team(&l->qkv, h, s, st->qkv);
 #pragma omp for schedule(static)
-                for (int head = 0; head < m->heads; head++)
-                    attend(m, l, head, position, sh.qkv, sh.scores + (size_t)head * (position + 1), sh.attention + head * D);
+            for (int head = 0; head < m->heads; head++)
+                attend(m, l, head, position, st->qkv, st->scores + (size_t)head * m->max_context, st->attention + head * D);
 #pragma omp for schedule(static) nowait
-                for (int g = 0; g < m->kv_heads; g++) store_kv(m, l, g, position, sh.qkv);
-                prepare_input(&l->o, sh.attention, &s);
-                linear_team(&l->o, sh.attention, &s, sh.branch);
-                for (int i = 0; i < H; i++) x[i] += sh.branch[i];
-                rms_norm(x, l->post_norm, H, m->eps, h);
-                prepare_input(&l->gate_up, h, &s);
-                {
-                    const int chunks = (I + EC_ROW_CHUNK - 1) / EC_ROW_CHUNK;
-                    float gate[EC_ROW_CHUNK], up[EC_ROW_CHUNK];
+            for (int g = 0; g < m->kv_heads; g++) store_kv(m, l, g, position, st->qkv);
+            prepare_input(&l->o, st->attention, s);
+            linear_team(&l->o, st->attention, s, st->branch);
+            for (int i = 0; i < H; i++) x[i] += st->branch[i];
+            rms_norm(x, l->post_norm, H, m->eps, h);
+            prepare_input(&l->gate_up, h, s);
+            {
+                const int chunks = (I + EC_ROW_CHUNK - 1) / EC_ROW_CHUNK;
+                float gate[EC_ROW_CHUNK], up[EC_ROW_CHUNK];
 #pragma omp for schedule(dynamic, 1)
-                    for (int c = 0; c < chunks; c++) {
-                        int row = c * EC_ROW_CHUNK, count = I - row < EC_ROW_CHUNK ? I - row : EC_ROW_CHUNK;
-                        linear_rows(&l->gate_up, row, count, h, &s, gate);
-                        linear_rows(&l->gate_up, I + row, count, h, &s, up);
-                        for (int r = 0; r < count; r++) sh.gated[row + r] = activation(m, gate[r]) * up[r];
-                    }
+                for (int c = 0; c < chunks; c++) {
+                    int row = c * EC_ROW_CHUNK, count = I - row < EC_ROW_CHUNK ? I - row : EC_ROW_CHUNK;
+                    linear_rows(&l->gate_up, row, count, h, s, gate);
+                    linear_rows(&l->gate_up, I + row, count, h, s, up);
+                    for (int r = 0; r < count; r++) st->gated[row + r] = activation(m, gate[r]) * up[r];
                 }
-                prepare_input(&l->down, sh.gated, &s);
-                linear_team(&l->down, sh.gated, &s, sh.branch);
-                for (int i = 0; i < H; i++) x[i] += sh.branch[i];
             }
-            rms_norm(x, m->final_norm, H, m->eps, h);
-            prepare_input(&m->head, h, &s);
-            linear_team(&m->head, h, &s, logits);
-            free(x); free(h); free(s.gathered); free(s.act.q); free(s.act.scale); free(s.act.sum); free(s.act.exact);
-            free(s.act.correction);
+            prepare_input(&l->down, st->gated, s);
+            linear_team(&l->down, st->gated, s, st->branch);
+            for (int i = 0; i < H; i++) x[i] += st->branch[i];
         }
+        rms_norm(x, m->final_norm, H, m->eps, h);
+        prepare_input(&m->head, h, s);
+        linear_team(&m->head, h, s, logits);
     }
-    free(sh.qkv); free(sh.attention); free(sh.branch); free(sh.gated); free(sh.scores);
-    return failed ? 2 : 0;
+    return 0;
 }

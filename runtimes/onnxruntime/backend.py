@@ -166,9 +166,7 @@ class OnnxRuntimeBackend:
     def _attach_native(self, model_path: Path, manifest: Manifest, threads: int | None, *, required: bool) -> None:
         from edgecpm.runtimes.native import KernelsUnavailable, native_decoder
 
-        try:
-            if not isinstance(self.cache, _SharedBufferCache):
-                raise KernelsUnavailable("KV layout is not a shared buffer")
+        try:  # native_decoder checks the KV layout is a shared buffer, so the cache holds OrtValues
             self.native = native_decoder(model_path.parent, manifest, [value.data_ptr() for value in self.cache.values],
                                          threads or physical_cores())
             self.native_unavailable = None
