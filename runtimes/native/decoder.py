@@ -26,7 +26,7 @@ MAX_BLOCK = 1024  # kernels.c quantize()'s scratch
 ACTIVATIONS = {"silu": 0, "fatrelu": 1}
 
 
-ROW_GROUP, CHUNK_BYTES = 4, 16  # the kernels' interleaved layout (kernels.c, rows4_avx2)
+ROW_GROUP, WORD_BYTES = 8, 4  # the kernels' interleaved layout (kernels.c, groups_avx2)
 
 
 class Linear(ctypes.Structure):
@@ -111,16 +111,16 @@ class _Weights:
                       input_order=order, n=n, k=k, bits=entry["bits"], block=entry["block_size"])
 
     def _interleaved(self, codes: np.ndarray, scales: np.ndarray) -> tuple[int, int]:
-        """Codes [n, blocks, bytes] -> [n/4, blocks, chunks, 4, 16]; scales [n, blocks] -> [n/4, blocks, 4]."""
+        """Codes [n, blocks, bytes] -> [n/8, blocks, words, 8, 4]; scales [n, blocks] -> [n/8, blocks, 8]."""
         n, blocks, block_bytes = codes.shape
-        if block_bytes % CHUNK_BYTES:
+        if block_bytes % WORD_BYTES:
             return 0, 0  # the portable kernel reads such blocks from the stored layout
         pad = (-n) % ROW_GROUP
         codes = np.pad(codes, ((0, pad), (0, 0), (0, 0))) if pad else codes
         scales = np.pad(scales, ((0, pad), (0, 0))) if pad else scales
         groups = (n + pad) // ROW_GROUP
         packed = np.ascontiguousarray(
-            codes.reshape(groups, ROW_GROUP, blocks, block_bytes // CHUNK_BYTES, CHUNK_BYTES).transpose(0, 2, 3, 1, 4))
+            codes.reshape(groups, ROW_GROUP, blocks, block_bytes // WORD_BYTES, WORD_BYTES).transpose(0, 2, 3, 1, 4))
         packed_scales = np.ascontiguousarray(scales.reshape(groups, ROW_GROUP, blocks).transpose(0, 2, 1), dtype=np.float32)
         self.keep += [packed, packed_scales]
         return packed.ctypes.data, packed_scales.ctypes.data

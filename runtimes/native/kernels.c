@@ -24,7 +24,10 @@
 #define EC_AVX2 1
 #endif
 
-#define EC_CHUNK 16 /* bytes of codes per load */
+#define EC_WORD 4 /* bytes of one row's codes per 32-bit lane */
+#ifndef EC_PREFETCH
+#define EC_PREFETCH 4096 /* bytes ahead of each group's stream */
+#endif
 
 typedef struct {
     /* block-quantized [n, k]: codes [n, blocks, block*bits/8] low bits first, scales [n, blocks] */
@@ -32,7 +35,7 @@ typedef struct {
     const float *scales;
     const uint8_t *zero_points; /* [n, ceil(blocks*bits/8)] low bits first, or NULL: the middle code */
     const float *offsets;       /* [n, blocks] added times each block's input sum (float zero points), or NULL */
-    /* the same codes and scales interleaved by four rows (see rows4_avx2; rows padded to a multiple of 4), or NULL */
+    /* the same codes and scales interleaved by eight rows (see groups_avx2; rows padded to a multiple of 8), or NULL */
     const uint8_t *packed;
     const float *packed_scales;
     /* or float: dense [k, n] (MatMul) when dense_nk == 0, [n, k] (Gemm transB / table) when 1 */
@@ -69,7 +72,7 @@ typedef struct {
 } ec_act;
 
 static int bytes_per_block(const ec_linear *w) { return w->block * w->bits / 8; }
-static int chunk_bytes(const ec_linear *w) { int b = bytes_per_block(w); return b < EC_CHUNK ? b : EC_CHUNK; }
+static int chunk_bytes(const ec_linear *w) { int b = bytes_per_block(w); return b < EC_WORD ? b : EC_WORD; }
 
 static void quantize(const ec_linear *w, const float *x_in, float *gathered, ec_act *a) {
     const float *x = x_in;
@@ -136,70 +139,81 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Four rows at a time from the interleaved copy (`packed`: [n/4, blocks, chunks, 4 rows, 16 bytes], scales
- * [n/4, blocks, 4]): every 16-byte chunk of four rows is one 64-byte line, read once, in order. One 32-byte
- * load holds two rows; each bit plane of it meets the same 16 activations, broadcast to both halves. */
-static inline __attribute__((always_inline)) __m256i planes_dot(const int bits, __m256i raw, const int8_t *q) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    if (bits == 8) {
-        __m256i codes = _mm256_xor_si256(raw, _mm256_set1_epi8((char)0x80));
-        __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q));
-        return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(codes, codes), _mm256_sign_epi8(x, codes)), ones);
-    }
-    const __m256i mask = _mm256_set1_epi8(bits == 4 ? 0x0F : 0x03);
-    __m256i pairs = _mm256_setzero_si256();
-#pragma GCC unroll 4
-    for (int p = 0; p < 8 / bits; p++) {
-        __m256i plane = _mm256_and_si256(_mm256_srli_epi16(raw, p * bits), mask);
-        __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(q + 16 * p)));
-        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(plane, x)); /* <= 4 * 2 * 15 * 127: no overflow */
-    }
-    return _mm256_madd_epi16(pairs, ones);
+static inline __m256i broadcast_word(const int8_t *q) {
+    int32_t word;
+    memcpy(&word, q, sizeof(word));
+    return _mm256_set1_epi32(word);
 }
 
-static inline __attribute__((always_inline)) void rows4_avx2(const int bits, const ec_linear *w, int group,
-                                                            const ec_act *a, float *out, int count) {
-    const int blocks = (w->k + w->block - 1) / w->block, bpb = bytes_per_block(w), per = 8 / bits;
-    const uint8_t *codes = w->packed + (size_t)group * blocks * bpb * 4;
-    const float *scales = w->packed_scales + (size_t)group * blocks * 4;
-    const __m256i rows01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), rows23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
-    __m256 acc01 = _mm256_setzero_ps(), acc23 = _mm256_setzero_ps();
+/* int16 pair sums of one 32-byte load of the interleaved copy (8 rows x one 4-byte word, one row per 32-bit
+ * lane) against the word's activations, broadcast to every lane; each bit plane is one maddubs. */
+static inline __attribute__((always_inline)) __m256i word_dot(const int bits, __m256i raw, const __m256i *x) {
+    if (bits == 8) {
+        __m256i codes = _mm256_xor_si256(raw, _mm256_set1_epi8((char)0x80)); /* code - 128 */
+        return _mm256_maddubs_epi16(_mm256_sign_epi8(codes, codes), _mm256_sign_epi8(x[0], codes));
+    }
+    const __m256i mask = _mm256_set1_epi8(bits == 4 ? 0x0F : 0x03);
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_and_si256(raw, mask), x[0]);
+#pragma GCC unroll 4
+    for (int p = 1; p < 8 / bits; p++)
+        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, p * bits), mask), x[p]));
+    return pairs;
+}
+
+/* `pairs` row groups of 8 rows from the interleaved copy (`packed`: [n/8, blocks, words, 8 rows, 4 bytes],
+ * scales [n/8, blocks, 8]): lanes are rows, so a block ends with one convert and one fma per 8 rows, and
+ * every group streams its own bytes in order. Two groups share each activation broadcast. int16 sums are
+ * widened before they can overflow: a word adds at most 2*15*127 per plane pair at 4 bits (4 words), 4*762
+ * at 2 bits (8 words); 8-bit pairs reach 32512 and are widened every word. */
+static inline __attribute__((always_inline)) void groups_avx2(const int bits, const int pairs, const ec_linear *w,
+                                                              int group, const ec_act *a, float *out, int count) {
+    const int blocks = (w->k + w->block - 1) / w->block, words = bytes_per_block(w) / EC_WORD, per = 8 / bits;
+    const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1;
+    const size_t group_bytes = (size_t)blocks * words * 32;
+    const uint8_t *codes = w->packed + group * group_bytes;
+    const float *scales = w->packed_scales + (size_t)group * blocks * 8;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int b = 0; b < blocks; b++) {
         const int8_t *q = a->q + b * w->block;
-        __m256i dot01 = _mm256_setzero_si256(), dot23 = _mm256_setzero_si256();
-        for (int c = 0; c < bpb; c += 16, codes += 64, q += 16 * per) {
-            dot01 = _mm256_add_epi32(dot01, planes_dot(bits, _mm256_loadu_si256((const __m256i *)codes), q));
-            dot23 = _mm256_add_epi32(dot23, planes_dot(bits, _mm256_loadu_si256((const __m256i *)(codes + 32)), q));
+        for (int g = 0; g < pairs; g++)
+            for (int line = 0; line < words * 32; line += 64)
+                _mm_prefetch((const char *)(codes + g * group_bytes + EC_PREFETCH + line), _MM_HINT_T0);
+        __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int start = 0; start < words; start += widen_every) {
+            const int stop = start + widen_every < words ? start + widen_every : words;
+            __m256i sums[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+            for (int word = start; word < stop; word++, codes += 32, q += EC_WORD * per) {
+                __m256i x[4];
+                for (int p = 0; p < per; p++) x[p] = broadcast_word(q + EC_WORD * p);
+                for (int g = 0; g < pairs; g++)
+                    sums[g] = _mm256_add_epi16(sums[g], word_dot(bits, _mm256_loadu_si256((const __m256i *)(codes + g * group_bytes)), x));
+            }
+            for (int g = 0; g < pairs; g++) dot[g] = _mm256_add_epi32(dot[g], _mm256_madd_epi16(sums[g], ones));
         }
-        /* each row's sum is spread over 4 lanes: its correction goes into one of them */
-        const int32_t c = a->correction[b];
-        const __m256i correction = _mm256_setr_epi32(c, 0, 0, 0, c, 0, 0, 0);
-        const __m256 scale = _mm256_mul_ps(_mm256_castps128_ps256(_mm_loadu_ps(scales + 4 * b)), _mm256_set1_ps(a->scale[b]));
-        dot01 = _mm256_add_epi32(dot01, correction);
-        dot23 = _mm256_add_epi32(dot23, correction);
-        acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot01), _mm256_permutevar8x32_ps(scale, rows01), acc01);
-        acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot23), _mm256_permutevar8x32_ps(scale, rows23), acc23);
+        const __m256i correction = _mm256_set1_epi32(a->correction[b]);
+        const __m256 scale = _mm256_set1_ps(a->scale[b]);
+        for (int g = 0; g < pairs; g++)
+            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot[g], correction)),
+                                     _mm256_mul_ps(_mm256_loadu_ps(scales + g * blocks * 8 + 8 * b), scale), acc[g]);
     }
-    /* lanes 0-3: first row of the pair, 4-7: second */
-    __m256 h = _mm256_hadd_ps(acc01, acc23);  /* r0 r0 r2 r2 | r1 r1 r3 r3 */
-    h = _mm256_hadd_ps(h, h);                 /* r0 r2 r0 r2 | r1 r3 r1 r3 */
-    float lanes[8];
-    _mm256_storeu_ps(lanes, h);
-    const float rows[4] = {lanes[0], lanes[4], lanes[1], lanes[5]};
+    float rows[16];
+    for (int g = 0; g < pairs; g++) _mm256_storeu_ps(rows + 8 * g, acc[g]);
     for (int r = 0; r < count; r++) out[r] = rows[r];
 }
 
 #define EC_ROW_KERNELS(bits)                                                                                   \
     static void rows_##bits(const ec_linear *w, int row, int count, const ec_act *a, float *out) {              \
-        for (int r = 0; r < count; r += 4)                                                                      \
-            rows4_avx2(bits, w, (row + r) / 4, a, out + r, count - r < 4 ? count - r : 4);                     \
+        int r = 0;                                                                                              \
+        for (; r + 16 <= count; r += 16) groups_avx2(bits, 2, w, (row + r) / 8, a, out + r, 16);                \
+        for (; r < count; r += 8) groups_avx2(bits, 1, w, (row + r) / 8, a, out + r, count - r < 8 ? count - r : 8); \
     }
 EC_ROW_KERNELS(2)
 EC_ROW_KERNELS(4)
 EC_ROW_KERNELS(8)
 
-static int avx2_covers(const ec_linear *w) {
-    return w->packed && bytes_per_block(w) % 16 == 0;
+static int avx2_covers(const ec_linear *w, int row) {
+    return w->packed && row % 8 == 0 && bytes_per_block(w) % EC_WORD == 0;
 }
 #endif
 
@@ -229,7 +243,7 @@ static void quantized_rows(const ec_linear *w, int row, int count, const ec_act 
     const int blocks = (w->k + w->block - 1) / w->block, bpb = bytes_per_block(w);
     const int explicit_zero = w->zero_points || w->offsets;
 #ifdef EC_AVX2
-    if (avx2_covers(w)) {
+    if (avx2_covers(w, row)) {
         if (w->bits == 4) rows_4(w, row, count, a, out);
         else if (w->bits == 2) rows_2(w, row, count, a, out);
         else rows_8(w, row, count, a, out);
@@ -291,13 +305,19 @@ static void linear_rows(const ec_linear *w, int row, int count, const float *x, 
     else quantized_rows(w, row, count, &s->act, out);
 }
 
-/* Rows of one linear split over the team in chunks (an idle-neighbour VM makes static splits wait). */
-#define EC_ROW_CHUNK 32
-static void linear_team(const ec_linear *w, const float *x, const ec_scratch *s, float *out) {
-    const int chunks = (w->n + EC_ROW_CHUNK - 1) / EC_ROW_CHUNK;
+/* Rows per work item: about four items per thread, in whole pairs of 8-row groups. Long items keep each
+ * thread's reads one sequential stream (what the prefetchers need); several per thread let a thread that
+ * a busy VM neighbour slows down take fewer. */
+static int row_chunk(int n, int threads) {
+    const int rows = (n + 4 * threads - 1) / (4 * threads);
+    return (rows + 15) / 16 * 16;
+}
+
+static void linear_team(const ec_linear *w, const float *x, const ec_scratch *s, int threads, float *out) {
+    const int chunk = row_chunk(w->n, threads), chunks = (w->n + chunk - 1) / chunk;
 #pragma omp for schedule(dynamic, 1)
     for (int c = 0; c < chunks; c++) {
-        int row = c * EC_ROW_CHUNK, count = w->n - row < EC_ROW_CHUNK ? w->n - row : EC_ROW_CHUNK;
+        const int row = c * chunk, count = w->n - row < chunk ? w->n - row : chunk;
         linear_rows(w, row, count, x, s, out + row);
     }
 }
@@ -425,7 +445,7 @@ ec_state *ec_state_new(const ec_model *m) {
     st->qkv = malloc(sizeof(float) * (size_t)(m->heads + 2 * m->kv_heads) * m->head_dim);
     st->attention = malloc(sizeof(float) * wide);
     st->branch = malloc(sizeof(float) * m->hidden);
-    st->gated = malloc(sizeof(float) * wide);
+    st->gated = malloc(sizeof(float) * 2 * wide); /* gate and up */
     st->scores = malloc(sizeof(float) * (size_t)m->heads * m->max_context);
     st->thread = calloc((size_t)m->threads, sizeof(*st->thread));
     int ok = st->qkv && st->attention && st->branch && st->gated && st->scores && st->thread;
@@ -463,35 +483,35 @@ int ec_decode(const ec_model *m, ec_state *st, int token, int position, float *l
             const ec_layer *l = &m->layer[li];
             rms_norm(x, l->input_norm, H, m->eps, h);
             prepare_input(&l->qkv, h, s);
-            linear_team(&l->qkv, h, s, st->qkv);
+            linear_team(&l->qkv, h, s, st->threads, st->qkv);
 #pragma omp for schedule(static)
             for (int head = 0; head < m->heads; head++)
                 attend(m, l, head, position, st->qkv, st->scores + (size_t)head * m->max_context, st->attention + head * D);
 #pragma omp for schedule(static) nowait
             for (int g = 0; g < m->kv_heads; g++) store_kv(m, l, g, position, st->qkv);
             prepare_input(&l->o, st->attention, s);
-            linear_team(&l->o, st->attention, s, st->branch);
+            linear_team(&l->o, st->attention, s, st->threads, st->branch);
             for (int i = 0; i < H; i++) x[i] += st->branch[i];
             rms_norm(x, l->post_norm, H, m->eps, h);
             prepare_input(&l->gate_up, h, s);
             {
-                const int chunks = (I + EC_ROW_CHUNK - 1) / EC_ROW_CHUNK;
-                float gate[EC_ROW_CHUNK], up[EC_ROW_CHUNK];
+                /* gate rows [0, I) and up rows [I, 2I) of the same chunk, then gated = act(gate) * up in place */
+                const int chunk = row_chunk(I, st->threads), chunks = (I + chunk - 1) / chunk;
 #pragma omp for schedule(dynamic, 1)
                 for (int c = 0; c < chunks; c++) {
-                    int row = c * EC_ROW_CHUNK, count = I - row < EC_ROW_CHUNK ? I - row : EC_ROW_CHUNK;
-                    linear_rows(&l->gate_up, row, count, h, s, gate);
-                    linear_rows(&l->gate_up, I + row, count, h, s, up);
-                    for (int r = 0; r < count; r++) st->gated[row + r] = activation(m, gate[r]) * up[r];
+                    const int row = c * chunk, count = I - row < chunk ? I - row : chunk;
+                    linear_rows(&l->gate_up, row, count, h, s, st->gated + row);
+                    linear_rows(&l->gate_up, I + row, count, h, s, st->gated + I + row);
+                    for (int r = row; r < row + count; r++) st->gated[r] = activation(m, st->gated[r]) * st->gated[I + r];
                 }
             }
             prepare_input(&l->down, st->gated, s);
-            linear_team(&l->down, st->gated, s, st->branch);
+            linear_team(&l->down, st->gated, s, st->threads, st->branch);
             for (int i = 0; i < H; i++) x[i] += st->branch[i];
         }
         rms_norm(x, m->final_norm, H, m->eps, h);
         prepare_input(&m->head, h, s);
-        linear_team(&m->head, h, s, logits);
+        linear_team(&m->head, h, s, st->threads, logits);
     }
     return 0;
 }
