@@ -22,6 +22,12 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define EC_AVX2 1
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
 #endif
 
 #define EC_WORD 4 /* bytes of one row's codes per 32-bit lane */
@@ -74,6 +80,48 @@ typedef struct {
 static int bytes_per_block(const ec_linear *w) { return w->block * w->bits / 8; }
 static int chunk_bytes(const ec_linear *w) { int b = bytes_per_block(w); return b < EC_WORD ? b : EC_WORD; }
 
+#ifdef EC_AVX2
+/* per 16 values (one 128-bit lane): natural order -> bit-plane order of 2-, 4- and 8-bit words */
+static const int8_t plane_order[3][16] = {{0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15},
+                                          {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15},
+                                          {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}};
+
+/* One whole block of a multiple of 32 values: returns sum(q) and writes amax / the float sum. */
+static int32_t quantize_block_avx2(const float *x, int block, int bits, int8_t *q, float *amax_out, float *exact_out) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 amax = _mm256_setzero_ps(), exact = _mm256_setzero_ps();
+    for (int j = 0; j < block; j += 8) {
+        const __m256 v = _mm256_loadu_ps(x + j);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+        exact = _mm256_add_ps(exact, v);
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float top = _mm_cvtss_f32(m), inv = top > 0.f ? 127.f / top : 0.f;
+    const __m256 scale = _mm256_set1_ps(inv);
+    const __m256i order = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)plane_order[bits == 2 ? 0 : bits == 4 ? 1 : 2]));
+    const __m256i natural = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i total = _mm256_setzero_si256();
+    for (int j = 0; j < block; j += 32) {
+        __m256i v[4];
+        for (int c = 0; c < 4; c++) {
+            v[c] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 8 * c), scale)); /* nearest, ties to even */
+            total = _mm256_add_epi32(total, v[c]);
+        }
+        __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+        bytes = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(bytes, natural), order);
+        _mm256_storeu_si256((__m256i *)(q + j), bytes);
+    }
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+    *amax_out = top;
+    *exact_out = hsum(exact);
+    return _mm_cvtsi128_si32(t);
+}
+#endif
+
 static void quantize(const ec_linear *w, const float *x_in, float *gathered, ec_act *a) {
     const float *x = x_in;
     if (w->input_order) {
@@ -86,22 +134,20 @@ static void quantize(const ec_linear *w, const float *x_in, float *gathered, ec_
     for (int b = 0; b < blocks; b++) {
         const int base = b * block, valid = w->k - base < block ? w->k - base : block;
         float amax = 0.f, exact = 0.f;
-#pragma omp simd reduction(max : amax) reduction(+ : exact)
-        for (int j = 0; j < valid; j++) {
-            exact += x[base + j];
-            amax = fmaxf(amax, fabsf(x[base + j]));
-        }
-        const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
         int8_t *q = a->q + base;
         int32_t total = 0;
-        if (valid == block && per == 1) {
-#pragma omp simd reduction(+ : total)
-            for (int j = 0; j < block; j++) {
-                q[j] = (int8_t)nearbyintf(x[base + j] * inv);
-                total += q[j];
+#ifdef EC_AVX2
+        if (valid == block && block % 32 == 0) {
+            total = quantize_block_avx2(x + base, block, w->bits, q, &amax, &exact);
+        } else
+#endif
+        {
+            for (int j = 0; j < valid; j++) {
+                exact += x[base + j];
+                amax = fmaxf(amax, fabsf(x[base + j]));
             }
-        } else {
-            /* bit-plane order within each chunk: element (i * per + p) of the chunk goes to p * chunk + i */
+            const float inv = amax > 0.f ? 127.f / amax : 0.f;
+            /* bit-plane order within each word: element (i * per + p) of the word goes to p * chunk + i */
             for (int j = 0; j < block; j++) natural[j] = j < valid ? nearbyintf(x[base + j] * inv) : 0.f;
             for (int c = 0; c < block; c += span)
                 for (int p = 0; p < per; p++)
@@ -111,6 +157,7 @@ static void quantize(const ec_linear *w, const float *x_in, float *gathered, ec_
                         total += v;
                     }
         }
+        const float d = amax / 127.f;
         a->scale[b] = d;
         a->correction[b] = w->bits == 8 ? 0 : -(1 << (w->bits - 1)) * total;
         a->sum[b] = d * (float)total;
@@ -132,12 +179,6 @@ static int32_t block_dot_portable(const ec_linear *w, const uint8_t *codes, cons
 }
 
 #ifdef EC_AVX2
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 static inline __m256i broadcast_word(const int8_t *q) {
     int32_t word;
@@ -357,9 +398,110 @@ static void embed(const ec_model *m, int token, float *out) {
     }
 }
 
-static float activation(const ec_model *m, float gate) {
-    if (m->activation == 1) return gate > m->activation_param ? gate : 0.f;
-    return gate / (1.f + expf(-gate));
+#ifdef EC_AVX2
+/* e^x for x <= 0 ... 88: 2^n * e^r with |r| <= ln2/2 and Cephes' degree-6 polynomial (about 1 ulp) */
+static inline __m256 exp_avx2(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447504f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
+}
+#endif
+
+/* gate[i] = act(gate[i]) * up[i] */
+static void gated_activation(const ec_model *m, float *gate, const float *up, int n) {
+    int i = 0;
+    if (m->activation == 1) {
+        for (; i < n; i++) gate[i] = (gate[i] > m->activation_param ? gate[i] : 0.f) * up[i];
+        return;
+    }
+#ifdef EC_AVX2
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+}
+
+/* scores[t] = scale * q . keys[t] for t < count (rows of d floats) */
+static void key_scores(const float *q, const float *keys, int count, int d, float scale, float *scores) {
+    int t = 0;
+#ifdef EC_AVX2
+    for (; t + 8 <= count; t += 8) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int i = 0; i < d; i += 8) {
+            const __m256 qi = _mm256_loadu_ps(q + i);
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(keys + (size_t)(t + j) * d + i), acc[j]);
+        }
+        /* eight horizontal sums at once: lane j of the result is row t + j */
+        const __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
+        const __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);
+        const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+        const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+        _mm256_storeu_ps(scores + t, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+    }
+#endif
+    for (; t < count; t++) {
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int i = 0; i < d; i++) dot += q[i] * keys[(size_t)t * d + i];
+        scores[t] = dot * scale;
+    }
+}
+
+/* scores[t] = exp(scores[t] - top); returns their sum */
+static float exp_shifted(float *scores, int count, float top) {
+    float total = 0.f;
+    int t = 0;
+#ifdef EC_AVX2
+    __m256 sum = _mm256_setzero_ps();
+    for (; t + 8 <= count; t += 8) {
+        const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(scores + t, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    total = hsum(sum);
+#endif
+    for (; t < count; t++) total += scores[t] = expf(scores[t] - top);
+    return total;
+}
+
+/* out = sum over t < count of p[t] * values[t] (rows of d floats), accumulated into out */
+static void weighted_values(const float *p, const float *values, int count, int d, float *out) {
+    int i = 0;
+#ifdef EC_AVX2
+    for (; i + 32 <= d; i += 32) { /* four accumulators stay in registers across all positions */
+        __m256 a0 = _mm256_loadu_ps(out + i), a1 = _mm256_loadu_ps(out + i + 8);
+        __m256 a2 = _mm256_loadu_ps(out + i + 16), a3 = _mm256_loadu_ps(out + i + 24);
+        for (int t = 0; t < count; t++) {
+            const float *v = values + (size_t)t * d + i;
+            const __m256 pt = _mm256_set1_ps(p[t]);
+            a0 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v), a0);
+            a1 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 8), a1);
+            a2 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 16), a2);
+            a3 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 24), a3);
+        }
+        _mm256_storeu_ps(out + i, a0); _mm256_storeu_ps(out + i + 8, a1);
+        _mm256_storeu_ps(out + i + 16, a2); _mm256_storeu_ps(out + i + 24, a3);
+    }
+#endif
+    for (int t = 0; t < count; t++)
+#pragma omp simd
+        for (int j = i; j < d; j++) out[j] += p[t] * values[(size_t)t * d + j];
 }
 
 /* One head of attention over positions 0..position; the new key/value come from qkv, not the cache. */
@@ -375,24 +517,15 @@ static void attend(const ec_model *m, const ec_layer *l, int head, int position,
     rotate(q, cos, sin, m->rotary_dim);
     rotate(k_new, cos, sin, m->rotary_dim);
     const float *keys = l->k_cache + (size_t)g * m->max_context * d, *values = l->v_cache + (size_t)g * m->max_context * d;
+    key_scores(q, keys, position, d, m->attention_scale, scores);
+    key_scores(q, k_new, 1, d, m->attention_scale, scores + position);
     float top = -INFINITY;
-    for (int t = 0; t <= position; t++) {
-        const float *k = t == position ? k_new : keys + (size_t)t * d;
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int i = 0; i < d; i++) dot += q[i] * k[i];
-        scores[t] = dot * m->attention_scale;
-        top = fmaxf(top, scores[t]);
-    }
-    float total = 0.f;
-    for (int t = 0; t <= position; t++) total += scores[t] = expf(scores[t] - top);
-    const float inv = 1.f / total;
-    for (int i = 0; i < d; i++) out[i] = 0.f;
-    for (int t = 0; t <= position; t++) {
-        const float *v = t == position ? v_new : values + (size_t)t * d, p = scores[t] * inv;
-#pragma omp simd
-        for (int i = 0; i < d; i++) out[i] += p * v[i];
-    }
+    for (int t = 0; t <= position; t++) top = fmaxf(top, scores[t]);
+    const float inv = 1.f / exp_shifted(scores, position + 1, top);
+    for (int t = 0; t <= position; t++) scores[t] *= inv;
+    memset(out, 0, sizeof(float) * d);
+    weighted_values(scores, values, position, d, out);
+    weighted_values(scores + position, v_new, 1, d, out);
 }
 
 static void store_kv(const ec_model *m, const ec_layer *l, int g, int position, const float *qkv) {
@@ -502,7 +635,7 @@ int ec_decode(const ec_model *m, ec_state *st, int token, int position, float *l
                     const int row = c * chunk, count = I - row < chunk ? I - row : chunk;
                     linear_rows(&l->gate_up, row, count, h, s, st->gated + row);
                     linear_rows(&l->gate_up, I + row, count, h, s, st->gated + I + row);
-                    for (int r = row; r < row + count; r++) st->gated[r] = activation(m, st->gated[r]) * st->gated[I + r];
+                    gated_activation(m, st->gated + row, st->gated + I + row, count);
                 }
             }
             prepare_input(&l->down, st->gated, s);
