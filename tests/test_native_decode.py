@@ -28,6 +28,7 @@ INT8_ACTIVATION_RTOL = 0.02  # of max |logit|
 PROMPT = np.array([5, 9, 11, 40, 7, 100, 3, 60, 61, 62], dtype=np.int64)
 DECODE_STEPS = 20
 MAX_CONTEXT = 64
+LONG_CONTEXT = 200
 KEYS = [("llama", "dense"), ("llama", "llama3_rope"), ("minicpm", "dense"), ("minicpm", "untied"), ("minicpm", "longrope"),
         ("minicpm", "fatrelu")]
 SCHEMES = {"fp32": None, "int4": QuantSpec("int4"), "int4-asym": QuantSpec("int4", symmetric=False),
@@ -54,13 +55,14 @@ def export(source: Path, out: Path, spec: QuantSpec | None) -> Path:
         return export_checkpoint(source, out, flavour="ort", max_context=MAX_CONTEXT, quant=spec, quality_tokens=16)
 
 
-def decode_both(bundle: Path, steps: int = DECODE_STEPS) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def decode_both(bundle: Path, steps: int = DECODE_STEPS, prompt: np.ndarray = PROMPT,
+                threads: int = 2) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(onnxruntime, native) decode logits for the same tokens (onnxruntime's greedy choices)."""
     graph = load_backend(bundle, kernels="onnxruntime", threads=1)
-    native = load_backend(bundle, kernels="native", threads=2)
+    native = load_backend(bundle, kernels="native", threads=threads)
     assert native.native is not None and graph.native is None
-    tokens = [int(graph.prefill(PROMPT).argmax())]
-    native.prefill(PROMPT)
+    tokens = [int(graph.prefill(prompt).argmax())]
+    native.prefill(prompt)
     expected, got = [], []
     for _ in range(steps):
         expected.append(graph.decode(tokens[-1]))
@@ -89,6 +91,18 @@ def test_native_decode_matches_onnxruntime(workdir, key, scheme):
         scale = max(float(np.abs(e).max()) for e in expected)
         assert worst <= INT8_ACTIVATION_RTOL * scale
         assert [int(e.argmax()) for e in expected] == [int(g.argmax()) for g in got]
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [2, 4])
+def test_long_context_attention_is_split_and_merged_exactly(workdir, threads):
+    """Past 32 positions per range the kernels split each KV group's positions over work items (2 and 4
+    ranges here) and merge the partial softmaxes; the result is still the graph's to fp32 rounding."""
+    bundle = export_checkpoint(checkpoint(workdir, ("minicpm", "longrope")), workdir / f"long-{threads}", flavour="ort",
+                               max_context=LONG_CONTEXT)
+    prompt = np.random.default_rng(0).integers(5, 200, size=LONG_CONTEXT - DECODE_STEPS - 8)
+    expected, got = decode_both(bundle, prompt=prompt, threads=threads)
+    assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= FP32_ATOL
 
 
 def gptq_bundle(workdir: Path, symmetric: bool, act_order: bool) -> Path:

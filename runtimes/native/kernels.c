@@ -504,30 +504,6 @@ static void weighted_values(const float *p, const float *values, int count, int 
         for (int j = i; j < d; j++) out[j] += p[t] * values[(size_t)t * d + j];
 }
 
-/* One head of attention over positions 0..position; the new key/value come from qkv, not the cache. */
-static void attend(const ec_model *m, const ec_layer *l, int head, int position, const float *qkv, float *scores,
-                   float *out) {
-    const int d = m->head_dim, group = m->heads / m->kv_heads, g = head / group;
-    const float *cos = m->rope_cos + (size_t)position * (m->rotary_dim / 2);
-    const float *sin = m->rope_sin + (size_t)position * (m->rotary_dim / 2);
-    float q[512], k_new[512];
-    memcpy(q, qkv + head * d, sizeof(float) * d);
-    memcpy(k_new, qkv + (m->heads + g) * d, sizeof(float) * d);
-    const float *v_new = qkv + (m->heads + m->kv_heads + g) * d;
-    rotate(q, cos, sin, m->rotary_dim);
-    rotate(k_new, cos, sin, m->rotary_dim);
-    const float *keys = l->k_cache + (size_t)g * m->max_context * d, *values = l->v_cache + (size_t)g * m->max_context * d;
-    key_scores(q, keys, position, d, m->attention_scale, scores);
-    key_scores(q, k_new, 1, d, m->attention_scale, scores + position);
-    float top = -INFINITY;
-    for (int t = 0; t <= position; t++) top = fmaxf(top, scores[t]);
-    const float inv = 1.f / exp_shifted(scores, position + 1, top);
-    for (int t = 0; t <= position; t++) scores[t] *= inv;
-    memset(out, 0, sizeof(float) * d);
-    weighted_values(scores, values, position, d, out);
-    weighted_values(scores + position, v_new, 1, d, out);
-}
-
 static void store_kv(const ec_model *m, const ec_layer *l, int g, int position, const float *qkv) {
     const int d = m->head_dim;
     float *k = l->k_cache + ((size_t)g * m->max_context + position) * d;
@@ -536,6 +512,71 @@ static void store_kv(const ec_model *m, const ec_layer *l, int g, int position, 
     rotate(k, m->rope_cos + (size_t)position * (m->rotary_dim / 2), m->rope_sin + (size_t)position * (m->rotary_dim / 2),
            m->rotary_dim);
     memcpy(v, qkv + (m->heads + m->kv_heads + g) * d, sizeof(float) * d);
+}
+
+/* Attention runs as work items of (KV group, range of positions), flash-decoding style: an item reads its
+ * range of the group's keys and values once for all of the group's query heads (from L2 after the first
+ * head) and leaves per head the range's max score, sum of exponentials and unnormalised weighted values;
+ * combine_attention merges the ranges. The item whose range ends at `position` first writes the new key
+ * and value into the cache, so no item needs them from anywhere else. */
+typedef struct {
+    float *values; /* [splits, heads, head_dim] */
+    float *top;    /* [splits, heads] */
+    float *total;  /* [splits, heads] */
+    float *scores; /* [heads, max_context] */
+} ec_attention;
+
+#define EC_MAX_SPLITS 64
+
+static int attention_splits(const ec_model *m, int position) {
+    int splits = (2 * m->threads + m->kv_heads - 1) / m->kv_heads; /* at least two items per thread */
+    if (splits > EC_MAX_SPLITS) splits = EC_MAX_SPLITS;
+    if (splits > (position + 1) / 32) splits = (position + 1) / 32; /* ranges of at least 32 positions */
+    return splits < 1 ? 1 : splits;
+}
+
+static void attend_range(const ec_model *m, const ec_layer *l, int g, int split, int splits, int position,
+                         const float *qkv, const ec_attention *at) {
+    const int d = m->head_dim, group = m->heads / m->kv_heads, length = position + 1;
+    const int begin = (int)((long)length * split / splits), end = (int)((long)length * (split + 1) / splits);
+    if (end == length) store_kv(m, l, g, position, qkv);
+    const float *cos = m->rope_cos + (size_t)position * (m->rotary_dim / 2);
+    const float *sin = m->rope_sin + (size_t)position * (m->rotary_dim / 2);
+    const float *keys = l->k_cache + ((size_t)g * m->max_context + begin) * d;
+    const float *values = l->v_cache + ((size_t)g * m->max_context + begin) * d;
+    for (int head = g * group; head < (g + 1) * group; head++) {
+        float q[512];
+        memcpy(q, qkv + head * d, sizeof(float) * d);
+        rotate(q, cos, sin, m->rotary_dim);
+        float *scores = at->scores + (size_t)head * m->max_context + begin, top = -INFINITY;
+        key_scores(q, keys, end - begin, d, m->attention_scale, scores);
+        for (int t = 0; t < end - begin; t++) top = scores[t] > top ? scores[t] : top;
+        const size_t slot = (size_t)split * m->heads + head;
+        at->top[slot] = top;
+        at->total[slot] = exp_shifted(scores, end - begin, top);
+        memset(at->values + slot * d, 0, sizeof(float) * d);
+        weighted_values(scores, values, end - begin, d, at->values + slot * d);
+    }
+}
+
+/* out [heads, head_dim] = softmax-weighted values, merged over the position ranges */
+static void combine_attention(const ec_model *m, const ec_attention *at, int splits, float *out) {
+    const int d = m->head_dim;
+    for (int head = 0; head < m->heads; head++) {
+        float top = -INFINITY, total = 0.f, weight[EC_MAX_SPLITS];
+        for (int s = 0; s < splits; s++) top = at->top[s * m->heads + head] > top ? at->top[s * m->heads + head] : top;
+        for (int s = 0; s < splits; s++) {
+            weight[s] = expf(at->top[s * m->heads + head] - top);
+            total += weight[s] * at->total[s * m->heads + head];
+        }
+        float *o = out + head * d;
+        memset(o, 0, sizeof(float) * d);
+        for (int s = 0; s < splits; s++) {
+            const float w = weight[s] / total, *v = at->values + ((size_t)s * m->heads + head) * d;
+#pragma omp simd
+            for (int i = 0; i < d; i++) o[i] += w * v[i];
+        }
+    }
 }
 
 /* ---- the step ------------------------------------------------------------------------------------------ */
@@ -554,7 +595,8 @@ typedef struct {
 } ec_thread;
 
 typedef struct {
-    float *qkv, *attention, *branch, *gated, *scores; /* scores: [heads, max_context] */
+    float *qkv, *branch, *gated;
+    ec_attention attention;
     int threads;
     ec_thread *thread;
 } ec_state;
@@ -566,7 +608,8 @@ void ec_state_free(ec_state *st) {
         free(st->thread[t].s.act.q); free(st->thread[t].s.act.scale); free(st->thread[t].s.act.sum);
         free(st->thread[t].s.act.exact); free(st->thread[t].s.act.correction);
     }
-    free(st->thread); free(st->qkv); free(st->attention); free(st->branch); free(st->gated); free(st->scores);
+    free(st->thread); free(st->qkv); free(st->branch); free(st->gated);
+    free(st->attention.values); free(st->attention.top); free(st->attention.total); free(st->attention.scores);
     free(st);
 }
 
@@ -576,12 +619,15 @@ ec_state *ec_state_new(const ec_model *m) {
     if (!st) return NULL;
     st->threads = m->threads;
     st->qkv = malloc(sizeof(float) * (size_t)(m->heads + 2 * m->kv_heads) * m->head_dim);
-    st->attention = malloc(sizeof(float) * wide);
+    st->attention.values = malloc(sizeof(float) * EC_MAX_SPLITS * m->heads * m->head_dim);
+    st->attention.top = malloc(sizeof(float) * EC_MAX_SPLITS * m->heads);
+    st->attention.total = malloc(sizeof(float) * EC_MAX_SPLITS * m->heads);
+    st->attention.scores = malloc(sizeof(float) * (size_t)m->heads * m->max_context);
     st->branch = malloc(sizeof(float) * m->hidden);
     st->gated = malloc(sizeof(float) * 2 * wide); /* gate and up */
-    st->scores = malloc(sizeof(float) * (size_t)m->heads * m->max_context);
     st->thread = calloc((size_t)m->threads, sizeof(*st->thread));
-    int ok = st->qkv && st->attention && st->branch && st->gated && st->scores && st->thread;
+    int ok = st->qkv && st->attention.values && st->attention.top && st->attention.total && st->attention.scores &&
+             st->branch && st->gated && st->thread;
     for (int t = 0; ok && t < m->threads; t++) {
         ec_thread *own = &st->thread[t];
         own->residual = malloc(sizeof(float) * m->hidden);
@@ -604,7 +650,7 @@ ec_state *ec_state_new(const ec_model *m) {
 
 int ec_decode(const ec_model *m, ec_state *st, int token, int position, float *logits) {
     if (token < 0 || token >= m->vocab || position < 0 || position >= m->max_context) return 1;
-    const int H = m->hidden, I = m->intermediate, D = m->head_dim;
+    const int H = m->hidden, I = m->intermediate;
 #pragma omp parallel num_threads(st->threads)
     {
         /* every thread holds the residual stream: a few hundred floats, no barrier to share it */
@@ -617,13 +663,16 @@ int ec_decode(const ec_model *m, ec_state *st, int token, int position, float *l
             rms_norm(x, l->input_norm, H, m->eps, h);
             prepare_input(&l->qkv, h, s);
             linear_team(&l->qkv, h, s, st->threads, st->qkv);
-#pragma omp for schedule(static)
-            for (int head = 0; head < m->heads; head++)
-                attend(m, l, head, position, st->qkv, st->scores + (size_t)head * m->max_context, st->attention + head * D);
-#pragma omp for schedule(static) nowait
-            for (int g = 0; g < m->kv_heads; g++) store_kv(m, l, g, position, st->qkv);
-            prepare_input(&l->o, st->attention, s);
-            linear_team(&l->o, st->attention, s, st->threads, st->branch);
+            {
+                ec_attention *at = &st->attention;
+                const int splits = attention_splits(m, position);
+#pragma omp for schedule(dynamic, 1)
+                for (int item = 0; item < m->kv_heads * splits; item++)
+                    attend_range(m, l, item / splits, item % splits, splits, position, st->qkv, at);
+                combine_attention(m, at, splits, h); /* every thread, into its own buffer: no barrier */
+            }
+            prepare_input(&l->o, h, s);
+            linear_team(&l->o, h, s, st->threads, st->branch);
             for (int i = 0; i < H; i++) x[i] += st->branch[i];
             rms_norm(x, l->post_norm, H, m->eps, h);
             prepare_input(&l->gate_up, h, s);
