@@ -67,9 +67,13 @@ ENGINES: dict[str, dict[str, EngineFn]] = {
         "edgecpm-int4-rtn-native": edgecpm_int4("int4-rtn", load_options={"kernels": "native"}, method="rtn"),
         # onnxruntime-genai's own layout: the embedding table and LM head at int4 too
         "edgecpm-int4-rtn-int4-head": edgecpm_int4("int4-rtn-int4-head", method="rtn", lm_head="int4", embeddings="int4"),
+        "edgecpm-int4-rtn-int4-head-native": edgecpm_int4("int4-rtn-int4-head", load_options={"kernels": "native"},
+                                                          method="rtn", lm_head="int4", embeddings="int4"),
         "edgecpm-int4-gptq": edgecpm_int4("int4-gptq", method="gptq"),
         # GPTQ decoder and a GPTQ-calibrated int4 head stored apart from the int8 embedding table
         "edgecpm-int4-gptq-int4-head": edgecpm_int4("int4-gptq-int4-head", method="gptq", lm_head="int4"),
+        "edgecpm-int4-gptq-int4-head-native": edgecpm_int4("int4-gptq-int4-head", load_options={"kernels": "native"},
+                                                           method="gptq", lm_head="int4"),
         "edgecpm-int4-gptq-b64": edgecpm_int4("int4-gptq-b64", method="gptq", block_size=64),
     },
 }

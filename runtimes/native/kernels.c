@@ -43,7 +43,6 @@ typedef struct {
     const float *offsets;       /* [n, blocks] added times each block's input sum (float zero points), or NULL */
     /* the same codes and scales interleaved by eight rows (see groups_avx2; rows padded to a multiple of 8), or NULL */
     const uint8_t *packed;
-    const float *packed_scales;
     /* or float: dense [k, n] (MatMul) when dense_nk == 0, [n, k] (Gemm transB / table) when 1 */
     const float *dense;
     const int32_t *input_order; /* [k]: the input is gathered first (act-order GPTQ; quantized only), or NULL */
@@ -193,32 +192,37 @@ static inline __attribute__((always_inline)) __m256i word_dot(const int bits, __
         __m256i codes = _mm256_xor_si256(raw, _mm256_set1_epi8((char)0x80)); /* code - 128 */
         return _mm256_maddubs_epi16(_mm256_sign_epi8(codes, codes), _mm256_sign_epi8(x[0], codes));
     }
-    const __m256i mask = _mm256_set1_epi8(bits == 4 ? 0x0F : 0x03);
-    __m256i pairs = _mm256_maddubs_epi16(_mm256_and_si256(raw, mask), x[0]);
-#pragma GCC unroll 4
-    for (int p = 1; p < 8 / bits; p++)
-        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, p * bits), mask), x[p]));
-    return pairs;
+    if (bits == 2) { /* one shift: planes 1 and 3 are masked in place (four times their value), summed apart */
+        const __m256i low = _mm256_set1_epi8(0x03), high = _mm256_set1_epi8(0x0C), shifted = _mm256_srli_epi16(raw, 4);
+        const __m256i even = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(raw, low), x[0]),
+                                              _mm256_maddubs_epi16(_mm256_and_si256(shifted, low), x[2]));
+        const __m256i odd4 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(raw, high), x[1]),
+                                              _mm256_maddubs_epi16(_mm256_and_si256(shifted, high), x[3]));
+        return _mm256_add_epi16(even, _mm256_srai_epi16(odd4, 2)); /* odd4 <= 2*2*12*127: exact, no overflow */
+    }
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    return _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(raw, mask), x[0]),
+                            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), mask), x[1]));
 }
 
-/* `pairs` row groups of 8 rows from the interleaved copy (`packed`: [n/8, blocks, words, 8 rows, 4 bytes],
- * scales [n/8, blocks, 8]): lanes are rows, so a block ends with one convert and one fma per 8 rows, and
- * every group streams its own bytes in order. Two groups share each activation broadcast. int16 sums are
- * widened before they can overflow: a word adds at most 2*15*127 per plane pair at 4 bits (4 words), 4*762
- * at 2 bits (8 words); 8-bit pairs reach 32512 and are widened every word. */
+/* `pairs` row groups of 8 rows from the interleaved copy: per group and block, `words` 32-byte loads (8 rows x
+ * one 4-byte word, one row per 32-bit lane) and then the 8 rows' scales, so each group is one sequential
+ * stream (prefetched EC_PREFETCH ahead). Lanes are rows: a block ends with one convert and one fma per 8
+ * rows. Two groups share each activation broadcast. int16 sums are widened before they can overflow: a word
+ * adds at most 2*15*127 per plane pair at 4 bits (4 words), 2*762 + 2*762 at 2 bits (8 words); 8-bit pairs
+ * reach 32512 and are widened every word. */
 static inline __attribute__((always_inline)) void groups_avx2(const int bits, const int pairs, const ec_linear *w,
                                                               int group, const ec_act *a, float *out, int count) {
     const int blocks = (w->k + w->block - 1) / w->block, words = bytes_per_block(w) / EC_WORD, per = 8 / bits;
-    const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1;
-    const size_t group_bytes = (size_t)blocks * words * 32;
+    const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1, block_bytes = words * 32 + 32;
+    const size_t group_bytes = (size_t)blocks * block_bytes;
     const uint8_t *codes = w->packed + group * group_bytes;
-    const float *scales = w->packed_scales + (size_t)group * blocks * 8;
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int b = 0; b < blocks; b++) {
         const int8_t *q = a->q + b * w->block;
         for (int g = 0; g < pairs; g++)
-            for (int line = 0; line < words * 32; line += 64)
+            for (int line = 0; line < block_bytes; line += 64)
                 _mm_prefetch((const char *)(codes + g * group_bytes + EC_PREFETCH + line), _MM_HINT_T0);
         __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int start = 0; start < words; start += widen_every) {
@@ -236,7 +240,8 @@ static inline __attribute__((always_inline)) void groups_avx2(const int bits, co
         const __m256 scale = _mm256_set1_ps(a->scale[b]);
         for (int g = 0; g < pairs; g++)
             acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot[g], correction)),
-                                     _mm256_mul_ps(_mm256_loadu_ps(scales + g * blocks * 8 + 8 * b), scale), acc[g]);
+                                     _mm256_mul_ps(_mm256_loadu_ps((const float *)(codes + g * group_bytes)), scale), acc[g]);
+        codes += 32;
     }
     float rows[16];
     for (int g = 0; g < pairs; g++) _mm256_storeu_ps(rows + 8 * g, acc[g]);
