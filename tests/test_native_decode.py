@@ -21,7 +21,8 @@ from edgecpm.quant.spec import QuantSpec
 from edgecpm.runtimes.native import load_library
 from edgecpm.runtimes.onnxruntime import load_backend
 from gptq_writer import write_gptq_checkpoint
-from tiny_models import write_hf_checkpoint
+from test_quant_formats import bitcpm_fake_quantized
+from tiny_models import TINY_CONFIGS, random_tensors, write_hf_checkpoint
 
 FP32_ATOL = 1e-4
 INT8_ACTIVATION_RTOL = 0.02  # of max |logit|
@@ -103,6 +104,29 @@ def test_long_context_attention_is_split_and_merged_exactly(workdir, threads):
     prompt = np.random.default_rng(0).integers(5, 200, size=LONG_CONTEXT - DECODE_STEPS - 8)
     expected, got = decode_both(bundle, prompt=prompt, threads=threads)
     assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= FP32_ATOL
+
+
+@needs_kernels
+def test_bitcpm_rows_with_one_scale_stream_it_once(workdir, monkeypatch):
+    """BitCPM-style ternary weights, layers alternating one scale per row and per 64 weights: the kernels keep
+    a per-row scale once (no per-block scales in their copy) and still decode as onnxruntime does."""
+    key = ("minicpm", "bitcpm-native")
+    monkeypatch.setitem(TINY_CONFIGS, key, {**TINY_CONFIGS[("minicpm", "dense")], "hidden_size": 128,
+                                            "intermediate_size": 192})
+    tensors = random_tensors(key)
+    for index, name in enumerate(sorted(tensors)):
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            tensors[name] = bitcpm_fake_quantized(tensors[name].shape, None if index % 2 else 64, seed=index)
+    source = write_hf_checkpoint(workdir / "bitcpm", key, tensors=tensors, dtype="bfloat16")
+    bundle = export(source, workdir / "bitcpm-ternary", QuantSpec("ternary", method="lossless"))
+    layers = load_backend(bundle, kernels="native").native._model.layer
+    row_scaled = {linear.row_scaled for i in range(TINY_CONFIGS[key]["num_hidden_layers"])
+                  for linear in (layers[i].qkv, layers[i].o, layers[i].gate_up, layers[i].down)}
+    assert row_scaled == {0, 1}
+    expected, got = decode_both(bundle)
+    scale = max(float(np.abs(e).max()) for e in expected)
+    assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= INT8_ACTIVATION_RTOL * scale
+    assert [int(e.argmax()) for e in expected] == [int(g.argmax()) for g in got]
 
 
 def gptq_bundle(workdir: Path, symmetric: bool, act_order: bool) -> Path:

@@ -31,7 +31,7 @@ ROW_GROUP, WORD_BYTES = 8, 4  # the kernels' interleaved layout (kernels.c, grou
 
 class Linear(ctypes.Structure):
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zero_points", ctypes.c_void_p),
-                ("offsets", ctypes.c_void_p), ("packed", ctypes.c_void_p),
+                ("offsets", ctypes.c_void_p), ("packed", ctypes.c_void_p), ("row_scaled", ctypes.c_int32),
                 ("dense", ctypes.c_void_p), ("input_order", ctypes.c_void_p),
                 ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("bits", ctypes.c_int32), ("block", ctypes.c_int32),
                 ("dense_nk", ctypes.c_int32)]
@@ -104,30 +104,43 @@ class _Weights:
             order = gathered.ctypes.data
         if self.array(f"{name}.scales").size != n * blocks:
             raise KernelsUnavailable(f"{name}.scales does not hold one scale per block")
-        packed = self._interleaved(self.array(codes), self.array(f"{name}.scales").reshape(n, blocks))
+        scales = self.array(f"{name}.scales").reshape(n, blocks)
+        row_scaled = bool((scales == scales[:, :1]).all())  # ternary BitCPM weights: one scale per row
+        packed = self._interleaved(self.array(codes), scales, row_scaled)
         return Linear(codes=self.pointer(codes), scales=self.pointer(f"{name}.scales", np.float32),
-                      packed=packed,
+                      packed=packed, row_scaled=int(row_scaled),
                       zero_points=self.pointer(f"{name}.qzeros") if f"{name}.qzeros" in self else 0, offsets=offsets,
                       input_order=order, n=n, k=k, bits=entry["bits"], block=entry["block_size"])
 
-    def _interleaved(self, codes: np.ndarray, scales: np.ndarray) -> int:
-        """Codes [n, blocks, bytes] and scales [n, blocks] -> per 8-row group and block: the codes as
-        [words, 8 rows, 4 bytes], then the 8 rows' fp32 scales (kernels.c, groups_avx2)."""
+    def _interleaved(self, codes: np.ndarray, scales: np.ndarray, row_scaled: bool) -> int:
+        """Codes [n, blocks, bytes] and scales [n, blocks] -> per 8-row group: per block the codes as [words, 8 rows,
+        4 bytes] then the 8 rows' fp32 scales, or with `row_scaled` the 8 rows' one scale first and then only
+        codes (kernels.c, groups_avx2)."""
         n, blocks, block_bytes = codes.shape
         if block_bytes % WORD_BYTES:
             return 0  # the portable kernel reads such blocks from the stored layout
         pad = (-n) % ROW_GROUP
         codes = np.pad(codes, ((0, pad), (0, 0), (0, 0))) if pad else codes
         scales = np.pad(scales, ((0, pad), (0, 0))) if pad else scales
-        groups = (n + pad) // ROW_GROUP
-        code_bytes, word_count = block_bytes * ROW_GROUP, block_bytes // WORD_BYTES
-        packed = np.empty((groups, blocks, code_bytes + ROW_GROUP * 4), dtype=np.uint8)
+        groups, code_bytes, word_count = (n + pad) // ROW_GROUP, block_bytes * ROW_GROUP, block_bytes // WORD_BYTES
+        scale_bytes = ROW_GROUP * 4
+        group_bytes = blocks * code_bytes + (scale_bytes if row_scaled else blocks * scale_bytes)
+        packed = np.empty((groups, group_bytes), dtype=np.uint8)
+        codes_at = scale_bytes if row_scaled else 0
+        block_stride = code_bytes if row_scaled else code_bytes + scale_bytes
         # written in place through strided views: no intermediate copy of the codes
         into_words = np.lib.stride_tricks.as_strided(
-            packed, shape=(groups, blocks, word_count, ROW_GROUP, WORD_BYTES),
-            strides=(*packed.strides[:2], ROW_GROUP * WORD_BYTES, WORD_BYTES, 1), writeable=True)
+            packed[:, codes_at:], shape=(groups, blocks, word_count, ROW_GROUP, WORD_BYTES),
+            strides=(group_bytes, block_stride, ROW_GROUP * WORD_BYTES, WORD_BYTES, 1), writeable=True)
         into_words[...] = codes.reshape(groups, ROW_GROUP, blocks, word_count, WORD_BYTES).transpose(0, 2, 3, 1, 4)
-        packed[:, :, code_bytes:].view(np.float32)[...] = scales.reshape(groups, ROW_GROUP, blocks).transpose(0, 2, 1)
+        group_scales = scales.reshape(groups, ROW_GROUP, blocks).transpose(0, 2, 1)  # [groups, blocks, 8]
+        if row_scaled:
+            packed[:, :scale_bytes].view(np.float32)[...] = group_scales[:, 0]
+        else:
+            into_scales = np.lib.stride_tricks.as_strided(
+                packed[:, code_bytes:], shape=(groups, blocks, scale_bytes), strides=(group_bytes, block_stride, 1),
+                writeable=True)
+            into_scales.view(np.float32)[...] = group_scales
         self.keep.append(packed)
         return packed.ctypes.data
 

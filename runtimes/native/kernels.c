@@ -43,6 +43,7 @@ typedef struct {
     const float *offsets;       /* [n, blocks] added times each block's input sum (float zero points), or NULL */
     /* the same codes and scales interleaved by eight rows (see groups_avx2; rows padded to a multiple of 8), or NULL */
     const uint8_t *packed;
+    int32_t row_scaled; /* every block of a row has the same scale: `packed` holds it once per row */
     /* or float: dense [k, n] (MatMul) when dense_nk == 0, [n, k] (Gemm transB / table) when 1 */
     const float *dense;
     const int32_t *input_order; /* [k]: the input is gathered first (act-order GPTQ; quantized only), or NULL */
@@ -205,20 +206,26 @@ static inline __attribute__((always_inline)) __m256i word_dot(const int bits, __
                             _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), mask), x[1]));
 }
 
-/* `pairs` row groups of 8 rows from the interleaved copy: per group and block, `words` 32-byte loads (8 rows x
- * one 4-byte word, one row per 32-bit lane) and then the 8 rows' scales, so each group is one sequential
- * stream (prefetched EC_PREFETCH ahead). Lanes are rows: a block ends with one convert and one fma per 8
- * rows. Two groups share each activation broadcast. int16 sums are widened before they can overflow: a word
- * adds at most 2*15*127 per plane pair at 4 bits (4 words), 2*762 + 2*762 at 2 bits (8 words); 8-bit pairs
- * reach 32512 and are widened every word. */
-static inline __attribute__((always_inline)) void groups_avx2(const int bits, const int pairs, const ec_linear *w,
-                                                              int group, const ec_act *a, float *out, int count) {
+/* `pairs` row groups of 8 rows from the interleaved copy, each one sequential stream (prefetched EC_PREFETCH
+ * ahead): per block, `words` 32-byte loads (8 rows x one 4-byte word, one row per 32-bit lane) followed by
+ * the 8 rows' scales; or, `row_scaled`, the 8 rows' one scale each first and then only codes (ternary
+ * BitCPM weights: a quarter fewer bytes at 2 bits). Lanes are rows: a block ends with one convert and one
+ * fma per 8 rows. Two groups share each activation broadcast. int16 sums are widened before they can
+ * overflow: a word adds at most 2*15*127 per plane pair at 4 bits (4 words), 2*762 + 2*762 at 2 bits
+ * (8 words); 8-bit pairs reach 32512 and are widened every word. */
+static inline __attribute__((always_inline)) void groups_avx2(const int bits, const int pairs, const int row_scaled,
+                                                              const ec_linear *w, int group, const ec_act *a, float *out,
+                                                              int count) {
     const int blocks = (w->k + w->block - 1) / w->block, words = bytes_per_block(w) / EC_WORD, per = 8 / bits;
-    const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1, block_bytes = words * 32 + 32;
-    const size_t group_bytes = (size_t)blocks * block_bytes;
+    const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1, block_bytes = words * 32 + (row_scaled ? 0 : 32);
+    const size_t group_bytes = (size_t)blocks * block_bytes + (row_scaled ? 32 : 0);
     const uint8_t *codes = w->packed + group * group_bytes;
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, rows_scale[2];
+    if (row_scaled) {
+        for (int g = 0; g < pairs; g++) rows_scale[g] = _mm256_loadu_ps((const float *)(codes + g * group_bytes));
+        codes += 32;
+    }
     for (int b = 0; b < blocks; b++) {
         const int8_t *q = a->q + b * w->block;
         for (int g = 0; g < pairs; g++)
@@ -238,25 +245,37 @@ static inline __attribute__((always_inline)) void groups_avx2(const int bits, co
         }
         const __m256i correction = _mm256_set1_epi32(a->correction[b]);
         const __m256 scale = _mm256_set1_ps(a->scale[b]);
-        for (int g = 0; g < pairs; g++)
-            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot[g], correction)),
-                                     _mm256_mul_ps(_mm256_loadu_ps((const float *)(codes + g * group_bytes)), scale), acc[g]);
-        codes += 32;
+        for (int g = 0; g < pairs; g++) {
+            const __m256 dot_f = _mm256_cvtepi32_ps(_mm256_add_epi32(dot[g], correction));
+            acc[g] = row_scaled ? _mm256_fmadd_ps(dot_f, scale, acc[g])
+                                : _mm256_fmadd_ps(dot_f, _mm256_mul_ps(_mm256_loadu_ps((const float *)(codes + g * group_bytes)), scale), acc[g]);
+        }
+        if (!row_scaled) codes += 32;
     }
     float rows[16];
-    for (int g = 0; g < pairs; g++) _mm256_storeu_ps(rows + 8 * g, acc[g]);
+    for (int g = 0; g < pairs; g++) _mm256_storeu_ps(rows + 8 * g, row_scaled ? _mm256_mul_ps(acc[g], rows_scale[g]) : acc[g]);
     for (int r = 0; r < count; r++) out[r] = rows[r];
 }
 
-#define EC_ROW_KERNELS(bits)                                                                                   \
-    static void rows_##bits(const ec_linear *w, int row, int count, const ec_act *a, float *out) {              \
-        int r = 0;                                                                                              \
-        for (; r + 16 <= count; r += 16) groups_avx2(bits, 2, w, (row + r) / 8, a, out + r, 16);                \
-        for (; r < count; r += 8) groups_avx2(bits, 1, w, (row + r) / 8, a, out + r, count - r < 8 ? count - r : 8); \
+#define EC_ROW_KERNELS(bits, row_scaled)                                                                                 \
+    static void rows_##bits##_##row_scaled(const ec_linear *w, int row, int count, const ec_act *a, float *out) {       \
+        int r = 0;                                                                                                        \
+        for (; r + 16 <= count; r += 16) groups_avx2(bits, 2, row_scaled, w, (row + r) / 8, a, out + r, 16);             \
+        for (; r < count; r += 8)                                                                                         \
+            groups_avx2(bits, 1, row_scaled, w, (row + r) / 8, a, out + r, count - r < 8 ? count - r : 8);               \
     }
-EC_ROW_KERNELS(2)
-EC_ROW_KERNELS(4)
-EC_ROW_KERNELS(8)
+EC_ROW_KERNELS(2, 0)
+EC_ROW_KERNELS(4, 0)
+EC_ROW_KERNELS(8, 0)
+EC_ROW_KERNELS(2, 1)
+EC_ROW_KERNELS(4, 1)
+EC_ROW_KERNELS(8, 1)
+
+typedef void (*ec_rows_kernel)(const ec_linear *, int, int, const ec_act *, float *);
+static ec_rows_kernel rows_kernel(const ec_linear *w) {
+    static const ec_rows_kernel kernels[2][3] = {{rows_2_0, rows_4_0, rows_8_0}, {rows_2_1, rows_4_1, rows_8_1}};
+    return kernels[w->row_scaled != 0][w->bits == 2 ? 0 : w->bits == 4 ? 1 : 2];
+}
 
 static int avx2_covers(const ec_linear *w, int row) {
     return w->packed && row % 8 == 0 && bytes_per_block(w) % EC_WORD == 0;
@@ -290,9 +309,7 @@ static void quantized_rows(const ec_linear *w, int row, int count, const ec_act 
     const int explicit_zero = w->zero_points || w->offsets;
 #ifdef EC_AVX2
     if (avx2_covers(w, row)) {
-        if (w->bits == 4) rows_4(w, row, count, a, out);
-        else if (w->bits == 2) rows_2(w, row, count, a, out);
-        else rows_8(w, row, count, a, out);
+        rows_kernel(w)(w, row, count, a, out);
         if (explicit_zero)
             for (int r = 0; r < count; r++) out[r] += zero_point_term(w, row + r, a);
         return;
