@@ -30,8 +30,11 @@ if TYPE_CHECKING:
 Messages = Sequence[Mapping[str, Any]]
 
 
-def load(path: str | Path, *, threads: int | None = None) -> Engine:
-    """Reads a bundle's manifest, tokenizer and chat template; the runtime session starts on first use."""
+def load(path: str | Path, *, threads: int | None = None, kernels: str | None = None) -> Engine:
+    """Reads a bundle's manifest, tokenizer and chat template; the runtime session starts on first use.
+
+    `kernels`: who runs decode steps, "auto" (default, or $EDGECPM_KERNELS), "native" or "onnxruntime"
+    (edgecpm.runtimes.onnxruntime.OnnxRuntimeBackend)."""
     from edgecpm.chat_template import ChatTemplate
     from edgecpm.text import TextTokenizer
 
@@ -48,7 +51,7 @@ def load(path: str | Path, *, threads: int | None = None) -> Engine:
     def start_backend() -> Backend:
         from edgecpm.runtimes.onnxruntime import load_backend
 
-        return load_backend(bundle, manifest, threads=threads)
+        return load_backend(bundle, manifest, threads=threads, kernels=kernels)
 
     return Engine(manifest, tokenizer, template, backend=start_backend)
 

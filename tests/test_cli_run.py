@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from reference_backend import greedy_chain, single_torch_thread
+from test_native_decode import KERNELS_MISSING
 from tiny_bundle import TINY_MAX_CONTEXT, export_tiny_bundle
 from tiny_models import write_hf_checkpoint
 
@@ -228,3 +229,15 @@ def test_model_id_resolution_in_the_cache_layout(tmp_path, monkeypatch):
         resolve_checkpoint("acme/cpm-gguf")
     with pytest.raises(EdgecpmError, match="not a model id"):
         resolve_checkpoint("./no/such/dir/here")
+
+
+def test_run_kernels_option_chooses_who_decodes(tiny):
+    bad = run_cli("run", str(tiny.bundle), "--prompt", "Hi", "--kernels", "fast")
+    assert bad.returncode == 1 and "unknown kernels 'fast'" in bad.stderr and "Traceback" not in bad.stderr
+    if KERNELS_MISSING:
+        pytest.skip(f"native kernels unavailable: {KERNELS_MISSING}")
+    runs = [run_cli("run", str(tiny.bundle), "--prompt", "Hello robot", "--raw", "--temperature", "0", "--max-new-tokens",
+                    "10", "--json", "--kernels", kernels) for kernels in ("native", "onnxruntime")]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    native, graph = (json.loads(r.stdout) for r in runs)
+    assert native["token_ids"] == graph["token_ids"]

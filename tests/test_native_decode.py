@@ -129,6 +129,20 @@ def test_bitcpm_rows_with_one_scale_stream_it_once(workdir, monkeypatch):
     assert [int(e.argmax()) for e in expected] == [int(g.argmax()) for g in got]
 
 
+@needs_kernels
+def test_auto_decodes_quantized_bundles_natively_and_fp32_ones_with_onnxruntime(workdir, monkeypatch):
+    monkeypatch.delenv("EDGECPM_KERNELS", raising=False)
+    source = checkpoint(workdir, ("llama", "dense"))
+    quantized = load_backend(export(source, workdir / "auto-int4", SCHEMES["int4"]))
+    assert quantized.native is not None and quantized.native_unavailable is None
+    dense_bundle = export(source, workdir / "auto-fp32", None)
+    dense = load_backend(dense_bundle)
+    assert dense.native is None and "fp32 weights" in dense.native_unavailable
+    assert load_backend(dense_bundle, kernels="native").native is not None  # forced: the kernels implement it
+    monkeypatch.setenv("EDGECPM_KERNELS", "onnxruntime")
+    assert load_backend(workdir / "auto-int4").native is None
+
+
 def gptq_bundle(workdir: Path, symmetric: bool, act_order: bool) -> Path:
     source = workdir / f"gptq-{symmetric}-{act_order}"
     write_gptq_checkpoint(source, ("minicpm", "dense"), group_size=32, symmetric=symmetric, act_order=act_order)
@@ -159,8 +173,8 @@ def test_kv_cache_is_shared_with_the_graph(workdir):
 
 def test_bundles_the_kernels_do_not_implement_decode_with_onnxruntime(workdir):
     mla = export(checkpoint(workdir, ("minicpm3", "mla")), workdir / "mla", None)
-    assert load_backend(mla).native_unavailable == "not requested"  # the default decodes with onnxruntime
-    backend = load_backend(mla, kernels="auto")
+    assert load_backend(mla, kernels="onnxruntime").native_unavailable == "not requested"
+    backend = load_backend(mla)  # the default, "auto"
     assert backend.native is None and "minicpm3" in backend.native_unavailable
     with pytest.raises(BundleError, match="native decode kernels unavailable: architecture 'minicpm3'"):
         load_backend(mla, kernels="native")

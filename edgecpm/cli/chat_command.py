@@ -14,8 +14,8 @@ import typer
 
 from edgecpm.cli import app
 from edgecpm.cli.options import (
-    BUNDLE, MAX_NEW_TOKENS, REPETITION_PENALTY, SEED, STOP, SYSTEM, TEMPERATURE, THREADS, TOP_K, TOP_P, existing_path,
-    generation_options,
+    BUNDLE, KERNELS, MAX_NEW_TOKENS, REPETITION_PENALTY, SEED, STOP, SYSTEM, TEMPERATURE, THREADS, TOP_K, TOP_P,
+    existing_path, generation_options,
 )
 
 HELP = "Type a message. /reset starts over, /exit (or Ctrl-D) quits."
@@ -33,6 +33,7 @@ def chat(
     seed: int | None = SEED,
     stop: list[str] | None = STOP,
     threads: int | None = THREADS,
+    kernels: str | None = KERNELS,
     speed: bool = typer.Option(False, "--speed", help="Print prefill and decode speeds after each answer."),
 ) -> None:
     """Chat with a bundle; earlier turns stay in the KV cache."""
@@ -43,7 +44,7 @@ def chat(
     from edgecpm.errors import EdgecpmError
 
     console = Console(stderr=True)
-    engine = load(existing_path(bundle), threads=threads)
+    engine = load(existing_path(bundle), threads=threads, kernels=kernels)
     options = generation_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                  repetition_penalty=repetition_penalty, seed=seed, stop=stop)
     engine.settings(**options)  # bad values fail now, not after the first message

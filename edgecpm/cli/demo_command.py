@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from edgecpm.cli import app
-from edgecpm.cli.options import THREADS
+from edgecpm.cli.options import KERNELS, THREADS
 
 DEMO_BUNDLE = Path("bundles/smollm2-135m")
 DEMO_QUESTION = "What is the capital of France?"
@@ -39,6 +39,7 @@ def ensure_demo_bundle(bundle: Path) -> Path:
 def demo(
     question: str = typer.Option(DEMO_QUESTION, "--question", help="The chat message to answer."),
     threads: int | None = THREADS,
+    kernels: str | None = KERNELS,
 ) -> None:
     """Export the embedded SmolLM2-135M-Instruct (once) and answer a chat question, streaming."""
     from rich.console import Console
@@ -47,7 +48,7 @@ def demo(
     from edgecpm.cli.streaming import print_stream, speed_line
 
     console = Console(stderr=True)
-    engine = load(ensure_demo_bundle(DEMO_BUNDLE), threads=threads)
+    engine = load(ensure_demo_bundle(DEMO_BUNDLE), threads=threads, kernels=kernels)
     with console.status("loading the model"):
         engine.backend  # noqa: B018  (starts the runtime session before timing starts)
     console.print(f"[bold]user:[/bold] {question}")

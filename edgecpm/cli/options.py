@@ -15,6 +15,9 @@ JSON_OUTPUT = typer.Option(False, "--json", help="Print one JSON object instead 
 CHECKPOINT_OR_BUNDLE = typer.Argument(..., help="An HF checkpoint directory, a GGUF file, or an edgecpm bundle.", show_default=False)
 BUNDLE = typer.Argument(..., help="An edgecpm bundle directory (made by `edgecpm export`).", show_default=False)
 THREADS = typer.Option(None, "--threads", min=1, help="CPU threads for the runtime (default: the runtime's choice).")
+KERNELS = typer.Option(None, "--kernels", help="Who runs decode steps: auto (edgecpm's native kernels where they are "
+                       "faster, else onnxruntime), native or onnxruntime (default: $EDGECPM_KERNELS, else auto).",
+                       show_default=False)
 SYSTEM = typer.Option(None, "--system", help="A system message placed before the conversation.")
 
 # Quantized export (export). Plain strings/ints, checked by QuantSpec.validate, so a bad value is the

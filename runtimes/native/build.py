@@ -83,5 +83,7 @@ def _build_and_load() -> ctypes.CDLL:
         library.ec_state_free.argtypes = [ctypes.c_void_p]
         library.ec_decode.restype = ctypes.c_int
         library.ec_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        library.ec_vectorised.restype = ctypes.c_int
+        library.ec_vectorised.argtypes = []
         return library
     raise KernelsUnavailable(f"could not compile {SOURCE.name} with {compiler}: {'; '.join(errors)}")

@@ -206,15 +206,29 @@ class NativeDecoder:
             self._library.ec_state_free(self._state)
 
 
-def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Sequence[int], threads: int) -> NativeDecoder:
-    """kv_pointers: the runtime's [1, kv_heads, max_context, head_dim] fp32 buffers, key then value per layer."""
+def _check_faster(manifest: Manifest, library: ctypes.CDLL) -> None:
+    """Where the kernels decode slower than onnxruntime (docs/BENCHMARKS.md), `auto` leaves the bundle to it."""
+    if not manifest.quantization:
+        raise KernelsUnavailable("fp32 weights decode faster on onnxruntime (kernels='native' forces the kernels)")
+    if not library.ec_vectorised():
+        raise KernelsUnavailable("no vectorised kernels for this CPU (the portable C path is slower than onnxruntime)")
+
+
+def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[], Sequence[int]], threads: int, *,
+                   only_if_faster: bool = False) -> NativeDecoder:
+    """kv_pointers() gives the runtime's [1, kv_heads, max_context, head_dim] fp32 buffers, key then value per
+    layer (asked once the bundle passed the checks). `only_if_faster`: also refuse bundles the kernels
+    implement but decode slower than onnxruntime."""
     _check(manifest)
+    library = load_library()
+    if only_if_faster:
+        _check_faster(manifest, library)
     arch = manifest.architecture
     weights = _Weights(bundle_dir / manifest.extra["data_files"][0], manifest.extra["tensors"])
     if float_activations := weights.quantized_with_float_activations():
         raise KernelsUnavailable(f"{float_activations[0]} computes with float activations (accuracy level 0)")
     h, vocab, tied = arch["hidden_size"], arch["vocab_size"], arch["tie_word_embeddings"]
-    layers = DECODER_FAMILY[arch["architecture"]](weights, arch, kv_pointers)
+    layers = DECODER_FAMILY[arch["architecture"]](weights, arch, kv_pointers())
     table = weights.linear("embed_tokens", h, vocab, dense_nk=True) if "embed_tokens" in weights else \
         weights.linear("embed_tokens", h, vocab)
     if "embed_tokens.block_offsets" in weights:
@@ -233,4 +247,4 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Sequence[i
         rope_cos=weights.pointer("rope_cos", np.float32), rope_sin=weights.pointer("rope_sin", np.float32),
         table=table, head=head, final_norm=weights.pointer("final_norm", np.float32),
         layer=ctypes.cast(layers, ctypes.POINTER(Layer)))
-    return NativeDecoder(load_library(), model, [weights, layers])
+    return NativeDecoder(library, model, [weights, layers])

@@ -670,6 +670,16 @@ ec_state *ec_state_new(const ec_model *m) {
     return st;
 }
 
+/* 1 when the vectorised kernels were compiled in (AVX2 + FMA); the portable C path alone is slower than
+ * onnxruntime's own kernels, so `auto` does not pick it. */
+int ec_vectorised(void) {
+#ifdef EC_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 int ec_decode(const ec_model *m, ec_state *st, int token, int position, float *logits) {
     if (token < 0 || token >= m->vocab || position < 0 || position >= m->max_context) return 1;
     const int H = m->hidden, I = m->intermediate;

@@ -19,7 +19,7 @@ def load_backend(bundle_dir: str | Path, manifest: Manifest | None = None, *, th
     int8-activation MatMulNBits, which changes the numbers). `spin` is onnxruntime's default.
     `spin` (onnxruntime's default, and what its peers run with) keeps idle intra-op threads spinning between
     the many small decode ops; pass `spin=False` where other busy processes share the cores.
-    `kernels` (default: $EDGECPM_KERNELS, else "onnxruntime"): who runs decode steps, see OnnxRuntimeBackend.
+    `kernels` (default: $EDGECPM_KERNELS, else "auto"): who runs decode steps, see OnnxRuntimeBackend.
     """
     from edgecpm.runtimes.onnxruntime.backend import OnnxRuntimeBackend
 
@@ -27,7 +27,7 @@ def load_backend(bundle_dir: str | Path, manifest: Manifest | None = None, *, th
     manifest = manifest or read_manifest(bundle_dir)
     if prepack is None:
         prepack = manifest.flavour == "ort"
-    kernels = kernels or os.environ.get("EDGECPM_KERNELS") or "onnxruntime"
+    kernels = kernels or os.environ.get("EDGECPM_KERNELS") or "auto"
     return OnnxRuntimeBackend(bundle_dir / manifest.model_file, manifest, threads=threads, prepack=prepack, spin=spin,
                               kernels=kernels)
 

@@ -135,14 +135,15 @@ KERNELS = ("auto", "native", "onnxruntime")
 class OnnxRuntimeBackend:
     """The `edgecpm.backend.Backend` protocol over one exported bundle.
 
-    `kernels`: who runs decode steps. "onnxruntime" (default) runs the graph; "native" runs edgecpm's own
-    decode kernels (edgecpm.runtimes.native) and fails where they do not implement the bundle; "auto" uses
-    them where they do and the graph elsewhere (`native_unavailable` says why). Prefill always runs the graph.
-    The default stays onnxruntime until the kernels decode faster (docs/BENCHMARKS.md).
+    `kernels`: who runs decode steps. "native" runs edgecpm's own decode kernels (edgecpm.runtimes.native) and
+    fails where they do not implement the bundle; "onnxruntime" runs the graph; "auto" (default) uses the
+    kernels where they implement the bundle and decode faster (quantized bundles on CPUs with their
+    vectorised path, docs/BENCHMARKS.md) and the graph elsewhere (`native_unavailable` says why). Prefill
+    always runs the graph.
     """
 
     def __init__(self, model_path: Path, manifest: Manifest, *, threads: int | None = None, prepack: bool = True,
-                 spin: bool = True, kernels: str = "onnxruntime"):
+                 spin: bool = True, kernels: str = "auto"):
         if kernels not in KERNELS:
             raise GenerationError(f"unknown kernels {kernels!r} (choose from {', '.join(KERNELS)})")
         self.max_context = int(manifest.max_context)
@@ -166,9 +167,10 @@ class OnnxRuntimeBackend:
     def _attach_native(self, model_path: Path, manifest: Manifest, threads: int | None, *, required: bool) -> None:
         from edgecpm.runtimes.native import KernelsUnavailable, native_decoder
 
-        try:  # native_decoder checks the KV layout is a shared buffer, so the cache holds OrtValues
-            self.native = native_decoder(model_path.parent, manifest, [value.data_ptr() for value in self.cache.values],
-                                         threads or physical_cores())
+        try:  # native_decoder checks the KV layout is a shared buffer (OrtValues) before it asks for their pointers
+            self.native = native_decoder(model_path.parent, manifest,
+                                         lambda: [value.data_ptr() for value in self.cache.values],
+                                         threads or physical_cores(), only_if_faster=not required)
             self.native_unavailable = None
         except KernelsUnavailable as error:
             if required:
