@@ -3,6 +3,8 @@
     python benchmarks/bench_decode.py --precision fp32 [--runs 3] [--new-tokens 128] [--json out.json]
     python benchmarks/bench_decode.py --precision int4
     python benchmarks/bench_decode.py --precision fp32 --engines llama.cpp-f32,onnxruntime-genai-fp32
+    python benchmarks/bench_decode.py --precision int4 --source GGUF --cache DIR   (another model, e.g. the
+        0.5B-shaped Llama twin of benchmarks/make_llama_shape_gguf.py)
 
 Prepares the weights on first use (benchmarks/prepare_weights.py, cache dir --cache, default /work/bench_cache),
 then runs every engine registered for the precision, one at a time in this process, on the same ~100-token
@@ -62,18 +64,15 @@ ENGINES: dict[str, dict[str, EngineFn]] = {
     "int4": {
         "onnxruntime-genai-int4": peers.run_ortgenai_int4,
         "llama.cpp-q4_0": peers.run_llama_cpp_q4_0,
+        # decode on edgecpm's native kernels (the default, "auto", for quantized bundles) ...
         "edgecpm-int4-rtn": edgecpm_int4("int4-rtn", method="rtn"),
-        # the same bundle, decode steps on edgecpm's native kernels (edgecpm.runtimes.native)
-        "edgecpm-int4-rtn-native": edgecpm_int4("int4-rtn", load_options={"kernels": "native"}, method="rtn"),
+        # ... and the same bundle decoded by its onnxruntime graph
+        "edgecpm-int4-rtn-onnxruntime": edgecpm_int4("int4-rtn", load_options={"kernels": "onnxruntime"}, method="rtn"),
         # onnxruntime-genai's own layout: the embedding table and LM head at int4 too
         "edgecpm-int4-rtn-int4-head": edgecpm_int4("int4-rtn-int4-head", method="rtn", lm_head="int4", embeddings="int4"),
-        "edgecpm-int4-rtn-int4-head-native": edgecpm_int4("int4-rtn-int4-head", load_options={"kernels": "native"},
-                                                          method="rtn", lm_head="int4", embeddings="int4"),
         "edgecpm-int4-gptq": edgecpm_int4("int4-gptq", method="gptq"),
         # GPTQ decoder and a GPTQ-calibrated int4 head stored apart from the int8 embedding table
         "edgecpm-int4-gptq-int4-head": edgecpm_int4("int4-gptq-int4-head", method="gptq", lm_head="int4"),
-        "edgecpm-int4-gptq-int4-head-native": edgecpm_int4("int4-gptq-int4-head", load_options={"kernels": "native"},
-                                                           method="gptq", lm_head="int4"),
         "edgecpm-int4-gptq-b64": edgecpm_int4("int4-gptq-b64", method="gptq", block_size=64),
     },
 }
@@ -137,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default=None, help="comma-separated subset of the registered engines")
     ap.add_argument("--cache", type=Path, default=prepare_weights.DEFAULT_OUT, help="weights cache dir")
+    ap.add_argument("--source", type=Path, default=None,
+                    help="the GGUF every engine's weights derive from (default: the embedded SmolLM2; see "
+                         "benchmarks/make_llama_shape_gguf.py for the 0.5B-shaped one); use its own --cache")
     ap.add_argument("--json", type=Path, default=None, help="write all results (incl. per-run, token ids) here")
     ap.add_argument("--idle-wait", type=float, default=60.0,
                     help="before each engine, wait up to this many seconds for the CPU to be idle (shared VMs)")
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         return run_child(a)
 
-    paths = prepare_weights.prepare(a.cache, a.precision)
+    paths = prepare_weights.prepare(a.cache, a.precision, a.source)
     prompt = peers.prompt_ids(paths["hf"])
     engines = ENGINES[a.precision]
     names = list(engines) if not a.engines else [n.strip() for n in a.engines.split(",")]
