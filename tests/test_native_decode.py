@@ -19,6 +19,7 @@ from edgecpm.export import export_checkpoint
 from edgecpm.quant.plan import QuantizationWarning
 from edgecpm.quant.spec import QuantSpec
 from edgecpm.runtimes.native import load_library
+from edgecpm.runtimes.native.decoder import SCALES_FP16, SCALES_PER_ROW
 from edgecpm.runtimes.onnxruntime import load_backend
 from gptq_writer import write_gptq_checkpoint
 from test_quant_formats import bitcpm_fake_quantized
@@ -120,9 +121,9 @@ def test_bitcpm_rows_with_one_scale_stream_it_once(workdir, monkeypatch):
     source = write_hf_checkpoint(workdir / "bitcpm", key, tensors=tensors, dtype="bfloat16")
     bundle = export(source, workdir / "bitcpm-ternary", QuantSpec("ternary", method="lossless"))
     layers = load_backend(bundle, kernels="native").native._model.layer
-    row_scaled = {linear.row_scaled for i in range(TINY_CONFIGS[key]["num_hidden_layers"])
-                  for linear in (layers[i].qkv, layers[i].o, layers[i].gate_up, layers[i].down)}
-    assert row_scaled == {0, 1}
+    formats = {linear.scale_format for i in range(TINY_CONFIGS[key]["num_hidden_layers"])
+               for linear in (layers[i].qkv, layers[i].o, layers[i].gate_up, layers[i].down)}
+    assert SCALES_PER_ROW in formats and len(formats) > 1  # and per-block scales where layers have them
     expected, got = decode_both(bundle)
     scale = max(float(np.abs(e).max()) for e in expected)
     assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= INT8_ACTIVATION_RTOL * scale
@@ -135,6 +136,7 @@ def test_auto_decodes_quantized_bundles_natively_and_fp32_ones_with_onnxruntime(
     source = checkpoint(workdir, ("llama", "dense"))
     quantized = load_backend(export(source, workdir / "auto-int4", SCHEMES["int4"]))
     assert quantized.native is not None and quantized.native_unavailable is None
+    assert quantized.native._model.layer[0].qkv.scale_format == SCALES_FP16  # exported at fp16 precision
     dense_bundle = export(source, workdir / "auto-fp32", None)
     dense = load_backend(dense_bundle)
     assert dense.native is None and "fp32 weights" in dense.native_unavailable

@@ -27,11 +27,12 @@ ACTIVATIONS = {"silu": 0, "fatrelu": 1}
 
 
 ROW_GROUP, WORD_BYTES = 8, 4  # the kernels' interleaved layout (kernels.c, groups_avx2)
+SCALES_FP32, SCALES_FP16, SCALES_PER_ROW = 0, 1, 2  # kernels.c's EC_SCALES_*
 
 
 class Linear(ctypes.Structure):
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zero_points", ctypes.c_void_p),
-                ("offsets", ctypes.c_void_p), ("packed", ctypes.c_void_p), ("row_scaled", ctypes.c_int32),
+                ("offsets", ctypes.c_void_p), ("packed", ctypes.c_void_p), ("scale_format", ctypes.c_int32),
                 ("dense", ctypes.c_void_p), ("input_order", ctypes.c_void_p),
                 ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("bits", ctypes.c_int32), ("block", ctypes.c_int32),
                 ("dense_nk", ctypes.c_int32)]
@@ -57,6 +58,7 @@ class _Weights:
         self.data = np.memmap(data_file, dtype=np.uint8, mode="r")
         self.index = index
         self.keep: list[np.ndarray] = []  # arrays made here (transposes, casts) that C points into
+        self.streamed_bytes = 0  # what one decode step reads of the linears' weights
 
     def __contains__(self, name: str) -> bool:
         return name in self.index
@@ -80,6 +82,7 @@ class _Weights:
             expected = (n, k) if dense_nk else (k, n)
             if tuple(shape) != expected:
                 raise KernelsUnavailable(f"{name} has shape {list(shape)}, expected {list(expected)}")
+            self.streamed_bytes += n * k * 4
             return Linear(dense=self.pointer(name, np.float32), n=n, k=k, dense_nk=int(dense_nk))
         codes = f"{name}.qweight"
         if f"{name}.0.qweight" in self:
@@ -105,44 +108,48 @@ class _Weights:
         if self.array(f"{name}.scales").size != n * blocks:
             raise KernelsUnavailable(f"{name}.scales does not hold one scale per block")
         scales = self.array(f"{name}.scales").reshape(n, blocks)
-        row_scaled = bool((scales == scales[:, :1]).all())  # ternary BitCPM weights: one scale per row
-        packed = self._interleaved(self.array(codes), scales, row_scaled)
+        packed, scale_format = self._interleaved(self.array(codes), scales)
+        self.streamed_bytes += self.keep[-1].nbytes if packed else self.array(codes).nbytes + scales.nbytes
         return Linear(codes=self.pointer(codes), scales=self.pointer(f"{name}.scales", np.float32),
-                      packed=packed, row_scaled=int(row_scaled),
+                      packed=packed, scale_format=scale_format,
                       zero_points=self.pointer(f"{name}.qzeros") if f"{name}.qzeros" in self else 0, offsets=offsets,
                       input_order=order, n=n, k=k, bits=entry["bits"], block=entry["block_size"])
 
-    def _interleaved(self, codes: np.ndarray, scales: np.ndarray, row_scaled: bool) -> int:
-        """Codes [n, blocks, bytes] and scales [n, blocks] -> per 8-row group: per block the codes as [words, 8 rows,
-        4 bytes] then the 8 rows' fp32 scales, or with `row_scaled` the 8 rows' one scale first and then only
-        codes (kernels.c, groups_avx2)."""
+    @staticmethod
+    def scale_format(scales: np.ndarray) -> int:
+        """kernels.c's EC_SCALES_*: one scale per row where every block of a row has the same one (BitCPM
+        ternary), fp16 where that is exact (the exporter computes scales at fp16 precision), else fp32."""
+        if (scales == scales[:, :1]).all():
+            return SCALES_PER_ROW
+        return SCALES_FP16 if np.array_equal(scales.astype(np.float16).astype(scales.dtype), scales) else SCALES_FP32
+
+    def _interleaved(self, codes: np.ndarray, scales: np.ndarray) -> tuple[int, int]:
+        """Codes [n, blocks, bytes] and scales [n, blocks] -> per 8-row group: the rows' scales (per block, or one
+        per row) padded to whole 32-byte lines, then per block the codes as [words, 8 rows, 4 bytes]
+        (kernels.c, groups_avx2)."""
         n, blocks, block_bytes = codes.shape
         if block_bytes % WORD_BYTES:
-            return 0  # the portable kernel reads such blocks from the stored layout
+            return 0, SCALES_FP32  # the portable kernel reads such blocks from the stored layout
         pad = (-n) % ROW_GROUP
         codes = np.pad(codes, ((0, pad), (0, 0), (0, 0))) if pad else codes
         scales = np.pad(scales, ((0, pad), (0, 0))) if pad else scales
-        groups, code_bytes, word_count = (n + pad) // ROW_GROUP, block_bytes * ROW_GROUP, block_bytes // WORD_BYTES
-        scale_bytes = ROW_GROUP * 4
-        group_bytes = blocks * code_bytes + (scale_bytes if row_scaled else blocks * scale_bytes)
-        packed = np.empty((groups, group_bytes), dtype=np.uint8)
-        codes_at = scale_bytes if row_scaled else 0
-        block_stride = code_bytes if row_scaled else code_bytes + scale_bytes
-        # written in place through strided views: no intermediate copy of the codes
-        into_words = np.lib.stride_tricks.as_strided(
-            packed[:, codes_at:], shape=(groups, blocks, word_count, ROW_GROUP, WORD_BYTES),
-            strides=(group_bytes, block_stride, ROW_GROUP * WORD_BYTES, WORD_BYTES, 1), writeable=True)
-        into_words[...] = codes.reshape(groups, ROW_GROUP, blocks, word_count, WORD_BYTES).transpose(0, 2, 3, 1, 4)
+        groups, word_count = (n + pad) // ROW_GROUP, block_bytes // WORD_BYTES
+        scale_format = self.scale_format(scales)
         group_scales = scales.reshape(groups, ROW_GROUP, blocks).transpose(0, 2, 1)  # [groups, blocks, 8]
-        if row_scaled:
-            packed[:, :scale_bytes].view(np.float32)[...] = group_scales[:, 0]
+        if scale_format == SCALES_PER_ROW:
+            header = group_scales[:, :1].astype(np.float32)
         else:
-            into_scales = np.lib.stride_tricks.as_strided(
-                packed[:, code_bytes:], shape=(groups, blocks, scale_bytes), strides=(group_bytes, block_stride, 1),
-                writeable=True)
-            into_scales.view(np.float32)[...] = group_scales
+            header = group_scales.astype(np.float16 if scale_format == SCALES_FP16 else np.float32)
+        header_bytes = -(-header[0].nbytes // 32) * 32
+        packed = np.zeros((groups, header_bytes + blocks * block_bytes * ROW_GROUP), dtype=np.uint8)
+        packed[:, :header[0].nbytes] = header.reshape(groups, -1).view(np.uint8)
+        # written in place through a strided view: no intermediate copy of the codes
+        into_words = np.lib.stride_tricks.as_strided(
+            packed[:, header_bytes:], shape=(groups, blocks, word_count, ROW_GROUP, WORD_BYTES),
+            strides=(packed.shape[1], block_bytes * ROW_GROUP, ROW_GROUP * WORD_BYTES, WORD_BYTES, 1), writeable=True)
+        into_words[...] = codes.reshape(groups, ROW_GROUP, blocks, word_count, WORD_BYTES).transpose(0, 2, 3, 1, 4)
         self.keep.append(packed)
-        return packed.ctypes.data
+        return packed.ctypes.data, scale_format
 
     def quantized_with_float_activations(self) -> list[str]:
         return [name for name, entry in self.index.items() if entry.get("accuracy_level", INT8_ACTIVATIONS) != INT8_ACTIVATIONS]
@@ -187,10 +194,12 @@ DECODER_FAMILY: dict[str, Callable] = {"llama": _layers, "minicpm": _layers}
 
 
 class NativeDecoder:
-    """decode(token, position, logits) writes the logits [1, V] of one new token and its K/V rows."""
+    """decode(token, position, logits) writes the logits [1, V] of one new token and its K/V rows.
+    `streamed_bytes`: the weight bytes one step reads (for rooflines)."""
 
-    def __init__(self, library: ctypes.CDLL, model: Model, keep: list):
+    def __init__(self, library: ctypes.CDLL, model: Model, keep: list, streamed_bytes: int):
         self._library, self._model, self._keep = library, model, keep
+        self.streamed_bytes = streamed_bytes
         self._state = library.ec_state_new(ctypes.byref(model))  # buffers for every step, allocated once
         if not self._state:
             raise KernelsUnavailable("could not allocate the decode buffers")
@@ -247,4 +256,4 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[
         rope_cos=weights.pointer("rope_cos", np.float32), rope_sin=weights.pointer("rope_sin", np.float32),
         table=table, head=head, final_norm=weights.pointer("final_norm", np.float32),
         layer=ctypes.cast(layers, ctypes.POINTER(Layer)))
-    return NativeDecoder(library, model, [weights, layers])
+    return NativeDecoder(library, model, [weights, layers], weights.streamed_bytes)

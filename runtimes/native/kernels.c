@@ -31,6 +31,11 @@ static inline float hsum(__m256 v) {
 #endif
 
 #define EC_WORD 4 /* bytes of one row's codes per 32-bit lane */
+/* How the interleaved copy holds the block scales: fp32 per block, fp16 per block (where that is exact: the
+ * exporter computes scales at fp16 precision), or one fp32 scale per row (BitCPM ternary: all blocks alike). */
+#define EC_SCALES_FP32 0
+#define EC_SCALES_FP16 1
+#define EC_SCALES_PER_ROW 2
 #ifndef EC_PREFETCH
 #define EC_PREFETCH 4096 /* bytes ahead of each group's stream */
 #endif
@@ -43,7 +48,7 @@ typedef struct {
     const float *offsets;       /* [n, blocks] added times each block's input sum (float zero points), or NULL */
     /* the same codes and scales interleaved by eight rows (see groups_avx2; rows padded to a multiple of 8), or NULL */
     const uint8_t *packed;
-    int32_t row_scaled; /* every block of a row has the same scale: `packed` holds it once per row */
+    int32_t scale_format; /* of `packed`: EC_SCALES_FP32, EC_SCALES_FP16 (lossless) or EC_SCALES_PER_ROW */
     /* or float: dense [k, n] (MatMul) when dense_nk == 0, [n, k] (Gemm transB / table) when 1 */
     const float *dense;
     const int32_t *input_order; /* [k]: the input is gathered first (act-order GPTQ; quantized only), or NULL */
@@ -206,30 +211,32 @@ static inline __attribute__((always_inline)) __m256i word_dot(const int bits, __
                             _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), mask), x[1]));
 }
 
-/* `pairs` row groups of 8 rows from the interleaved copy, each one sequential stream (prefetched EC_PREFETCH
- * ahead): per block, `words` 32-byte loads (8 rows x one 4-byte word, one row per 32-bit lane) followed by
- * the 8 rows' scales; or, `row_scaled`, the 8 rows' one scale each first and then only codes (ternary
- * BitCPM weights: a quarter fewer bytes at 2 bits). Lanes are rows: a block ends with one convert and one
- * fma per 8 rows. Two groups share each activation broadcast. int16 sums are widened before they can
- * overflow: a word adds at most 2*15*127 per plane pair at 4 bits (4 words), 2*762 + 2*762 at 2 bits
- * (8 words); 8-bit pairs reach 32512 and are widened every word. */
-static inline __attribute__((always_inline)) void groups_avx2(const int bits, const int pairs, const int row_scaled,
+/* Bytes before a group's codes: its scales, padded to whole 32-byte lines. */
+static int scale_header_bytes(int scale_format, int blocks) {
+    if (scale_format == EC_SCALES_PER_ROW) return 32;
+    const int bytes = blocks * 8 * (scale_format == EC_SCALES_FP16 ? 2 : 4);
+    return (bytes + 31) / 32 * 32;
+}
+
+/* `pairs` row groups of 8 rows from the interleaved copy. A group is one sequential stream (prefetched
+ * EC_PREFETCH ahead): its 8 rows' scales (scale_header_bytes), then per block `words` 32-byte loads of 8 rows
+ * x one 4-byte word, one row per 32-bit lane. Lanes are rows, so a block ends with one convert and one fma
+ * per 8 rows; two groups share each activation broadcast. int16 sums are widened before they can overflow:
+ * a word adds at most 2*15*127 per plane pair at 4 bits (4 words), 2*762 + 2*762 at 2 bits (8 words);
+ * 8-bit pairs reach 32512 and are widened every word. */
+static inline __attribute__((always_inline)) void groups_avx2(const int bits, const int pairs, const int scale_format,
                                                               const ec_linear *w, int group, const ec_act *a, float *out,
                                                               int count) {
     const int blocks = (w->k + w->block - 1) / w->block, words = bytes_per_block(w) / EC_WORD, per = 8 / bits;
-    const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1, block_bytes = words * 32 + (row_scaled ? 0 : 32);
-    const size_t group_bytes = (size_t)blocks * block_bytes + (row_scaled ? 32 : 0);
-    const uint8_t *codes = w->packed + group * group_bytes;
+    const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1, header = scale_header_bytes(scale_format, blocks);
+    const size_t group_bytes = header + (size_t)blocks * words * 32;
+    const uint8_t *scales = w->packed + group * group_bytes, *codes = scales + header;
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, rows_scale[2];
-    if (row_scaled) {
-        for (int g = 0; g < pairs; g++) rows_scale[g] = _mm256_loadu_ps((const float *)(codes + g * group_bytes));
-        codes += 32;
-    }
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int b = 0; b < blocks; b++) {
         const int8_t *q = a->q + b * w->block;
         for (int g = 0; g < pairs; g++)
-            for (int line = 0; line < block_bytes; line += 64)
+            for (int line = 0; line < words * 32; line += 64)
                 _mm_prefetch((const char *)(codes + g * group_bytes + EC_PREFETCH + line), _MM_HINT_T0);
         __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int start = 0; start < words; start += widen_every) {
@@ -247,34 +254,39 @@ static inline __attribute__((always_inline)) void groups_avx2(const int bits, co
         const __m256 scale = _mm256_set1_ps(a->scale[b]);
         for (int g = 0; g < pairs; g++) {
             const __m256 dot_f = _mm256_cvtepi32_ps(_mm256_add_epi32(dot[g], correction));
-            acc[g] = row_scaled ? _mm256_fmadd_ps(dot_f, scale, acc[g])
-                                : _mm256_fmadd_ps(dot_f, _mm256_mul_ps(_mm256_loadu_ps((const float *)(codes + g * group_bytes)), scale), acc[g]);
+            const uint8_t *own = scales + g * group_bytes;
+            if (scale_format == EC_SCALES_PER_ROW)
+                acc[g] = _mm256_fmadd_ps(dot_f, scale, acc[g]);
+            else if (scale_format == EC_SCALES_FP16)
+                acc[g] = _mm256_fmadd_ps(dot_f, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)own + b)), scale), acc[g]);
+            else
+                acc[g] = _mm256_fmadd_ps(dot_f, _mm256_mul_ps(_mm256_loadu_ps((const float *)own + 8 * b), scale), acc[g]);
         }
-        if (!row_scaled) codes += 32;
     }
     float rows[16];
-    for (int g = 0; g < pairs; g++) _mm256_storeu_ps(rows + 8 * g, row_scaled ? _mm256_mul_ps(acc[g], rows_scale[g]) : acc[g]);
+    for (int g = 0; g < pairs; g++) {
+        const __m256 row_scale = _mm256_loadu_ps((const float *)(scales + g * group_bytes));
+        _mm256_storeu_ps(rows + 8 * g, scale_format == EC_SCALES_PER_ROW ? _mm256_mul_ps(acc[g], row_scale) : acc[g]);
+    }
     for (int r = 0; r < count; r++) out[r] = rows[r];
 }
 
-#define EC_ROW_KERNELS(bits, row_scaled)                                                                                 \
-    static void rows_##bits##_##row_scaled(const ec_linear *w, int row, int count, const ec_act *a, float *out) {       \
+#define EC_ROW_KERNELS(bits, format)                                                                                     \
+    static void rows_##bits##_##format(const ec_linear *w, int row, int count, const ec_act *a, float *out) {           \
         int r = 0;                                                                                                        \
-        for (; r + 16 <= count; r += 16) groups_avx2(bits, 2, row_scaled, w, (row + r) / 8, a, out + r, 16);             \
-        for (; r < count; r += 8)                                                                                         \
-            groups_avx2(bits, 1, row_scaled, w, (row + r) / 8, a, out + r, count - r < 8 ? count - r : 8);               \
+        for (; r + 16 <= count; r += 16) groups_avx2(bits, 2, format, w, (row + r) / 8, a, out + r, 16);                 \
+        for (; r < count; r += 8) groups_avx2(bits, 1, format, w, (row + r) / 8, a, out + r, count - r < 8 ? count - r : 8); \
     }
-EC_ROW_KERNELS(2, 0)
-EC_ROW_KERNELS(4, 0)
-EC_ROW_KERNELS(8, 0)
-EC_ROW_KERNELS(2, 1)
-EC_ROW_KERNELS(4, 1)
-EC_ROW_KERNELS(8, 1)
+#define EC_ROW_KERNELS_ALL_BITS(format) EC_ROW_KERNELS(2, format) EC_ROW_KERNELS(4, format) EC_ROW_KERNELS(8, format)
+EC_ROW_KERNELS_ALL_BITS(0)
+EC_ROW_KERNELS_ALL_BITS(1)
+EC_ROW_KERNELS_ALL_BITS(2)
 
 typedef void (*ec_rows_kernel)(const ec_linear *, int, int, const ec_act *, float *);
 static ec_rows_kernel rows_kernel(const ec_linear *w) {
-    static const ec_rows_kernel kernels[2][3] = {{rows_2_0, rows_4_0, rows_8_0}, {rows_2_1, rows_4_1, rows_8_1}};
-    return kernels[w->row_scaled != 0][w->bits == 2 ? 0 : w->bits == 4 ? 1 : 2];
+    static const ec_rows_kernel kernels[3][3] = {
+        {rows_2_0, rows_4_0, rows_8_0}, {rows_2_1, rows_4_1, rows_8_1}, {rows_2_2, rows_4_2, rows_8_2}};
+    return kernels[w->scale_format][w->bits == 2 ? 0 : w->bits == 4 ? 1 : 2];
 }
 
 static int avx2_covers(const ec_linear *w, int row) {
