@@ -109,9 +109,9 @@ class _Weights:
             raise KernelsUnavailable(f"{name}.scales does not hold one scale per block")
         scales = self.array(f"{name}.scales").reshape(n, blocks)
         packed, scale_format = self._interleaved(self.array(codes), scales)
-        self.streamed_bytes += self.keep[-1].nbytes if packed else self.array(codes).nbytes + scales.nbytes
+        self.streamed_bytes += packed.nbytes if packed is not None else self.array(codes).nbytes + scales.nbytes
         return Linear(codes=self.pointer(codes), scales=self.pointer(f"{name}.scales", np.float32),
-                      packed=packed, scale_format=scale_format,
+                      packed=0 if packed is None else packed.ctypes.data, scale_format=scale_format,
                       zero_points=self.pointer(f"{name}.qzeros") if f"{name}.qzeros" in self else 0, offsets=offsets,
                       input_order=order, n=n, k=k, bits=entry["bits"], block=entry["block_size"])
 
@@ -123,13 +123,13 @@ class _Weights:
             return SCALES_PER_ROW
         return SCALES_FP16 if np.array_equal(scales.astype(np.float16).astype(scales.dtype), scales) else SCALES_FP32
 
-    def _interleaved(self, codes: np.ndarray, scales: np.ndarray) -> tuple[int, int]:
+    def _interleaved(self, codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray | None, int]:
         """Codes [n, blocks, bytes] and scales [n, blocks] -> per 8-row group: the rows' scales (per block, or one
         per row) padded to whole 32-byte lines, then per block the codes as [words, 8 rows, 4 bytes]
         (kernels.c, groups_avx2)."""
         n, blocks, block_bytes = codes.shape
         if block_bytes % WORD_BYTES:
-            return 0, SCALES_FP32  # the portable kernel reads such blocks from the stored layout
+            return None, SCALES_FP32  # the portable kernel reads such blocks from the stored layout
         pad = (-n) % ROW_GROUP
         codes = np.pad(codes, ((0, pad), (0, 0), (0, 0))) if pad else codes
         scales = np.pad(scales, ((0, pad), (0, 0))) if pad else scales
@@ -149,7 +149,7 @@ class _Weights:
             strides=(packed.shape[1], block_bytes * ROW_GROUP, ROW_GROUP * WORD_BYTES, WORD_BYTES, 1), writeable=True)
         into_words[...] = codes.reshape(groups, ROW_GROUP, blocks, word_count, WORD_BYTES).transpose(0, 2, 3, 1, 4)
         self.keep.append(packed)
-        return packed.ctypes.data, scale_format
+        return packed, scale_format
 
     def quantized_with_float_activations(self) -> list[str]:
         return [name for name, entry in self.index.items() if entry.get("accuracy_level", INT8_ACTIVATIONS) != INT8_ACTIVATIONS]

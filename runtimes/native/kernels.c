@@ -1,14 +1,15 @@
 /* edgecpm native decode step: one whole token of a pre-norm GQA decoder in one OpenMP region.
  *
- * It reads the weights of an `ort`-flavour bundle in place (MatMulNBits / GatherBlockQuantized layouts,
- * fp32 MatMul / Gemm tables) and the runtime's KV buffers ([kv_heads, max_context, head_dim] per layer, the
- * layout GroupQueryAttention writes), so prefill can stay on onnxruntime while decode runs here.
+ * It reads an `ort`-flavour bundle's weights (MatMulNBits / GatherBlockQuantized layouts, fp32 MatMul / Gemm
+ * tables; the vectorised path from a copy interleaved by 8 rows, see groups_avx2) and the runtime's KV
+ * buffers ([kv_heads, max_context, head_dim] per layer, the layout GroupQueryAttention writes), so prefill
+ * can stay on onnxruntime while decode runs here.
  *
  * Why a kernel of our own: a decode step is ~300 tiny onnxruntime ops, each paying a dispatch and a thread
- * pool round trip; here a layer costs four barriers. Linears quantize their input to int8 per weight block
+ * pool round trip; here a layer costs five barriers. Linears quantize their input to int8 per weight block
  * (what MatMulNBits' accuracy level 4 does) and run integer dot products (AVX2 maddubs, portable C
- * elsewhere). Codes are read in their stored order: the activations are permuted once per linear into
- * the bit-plane order in which the codes come out of a 16-byte load, so no code is ever shuffled.
+ * elsewhere). Codes keep their stored bit order: the activations are permuted once per linear into the
+ * bit-plane order in which the codes come out of a 4-byte word, so no code is ever shuffled.
  */
 #include <math.h>
 #include <stdint.h>
