@@ -18,6 +18,7 @@ import numpy as np
 
 from edgecpm.bundle import Manifest
 from edgecpm.errors import GenerationError
+from edgecpm.quant.formats import unpack_low_first
 from edgecpm.runtimes.native.build import KernelsUnavailable, load_library
 
 INT8_ACTIVATIONS = 4  # MatMulNBits accuracy level whose arithmetic the kernels reproduce
@@ -32,7 +33,7 @@ SCALES_FP32, SCALES_FP16, SCALES_PER_ROW = 0, 1, 2  # kernels.c's EC_SCALES_*
 
 class Linear(ctypes.Structure):
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zero_points", ctypes.c_void_p),
-                ("offsets", ctypes.c_void_p), ("packed", ctypes.c_void_p), ("scale_format", ctypes.c_int32),
+                ("zero_terms", ctypes.c_void_p), ("offsets", ctypes.c_void_p), ("packed", ctypes.c_void_p), ("scale_format", ctypes.c_int32),
                 ("dense", ctypes.c_void_p), ("input_order", ctypes.c_void_p),
                 ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("bits", ctypes.c_int32), ("block", ctypes.c_int32),
                 ("dense_nk", ctypes.c_int32)]
@@ -108,11 +109,19 @@ class _Weights:
         if self.array(f"{name}.scales").size != n * blocks:
             raise KernelsUnavailable(f"{name}.scales does not hold one scale per block")
         scales = self.array(f"{name}.scales").reshape(n, blocks)
+        zero_terms = 0
+        if f"{name}.qzeros" in self:  # what each block's zero point adds to the middle-code dot, per input sum
+            packed_zeros = self.array(f"{name}.qzeros").reshape(n, -1)
+            zeros = unpack_low_first(packed_zeros, entry["bits"], blocks).astype(np.float32)
+            terms = np.ascontiguousarray(scales * ((1 << (entry["bits"] - 1)) - zeros), dtype=np.float32)
+            self.keep.append(terms)
+            zero_terms = terms.ctypes.data
         packed, scale_format = self._interleaved(self.array(codes), scales)
         self.streamed_bytes += packed.nbytes if packed is not None else self.array(codes).nbytes + scales.nbytes
         return Linear(codes=self.pointer(codes), scales=self.pointer(f"{name}.scales", np.float32),
                       packed=0 if packed is None else packed.ctypes.data, scale_format=scale_format,
-                      zero_points=self.pointer(f"{name}.qzeros") if f"{name}.qzeros" in self else 0, offsets=offsets,
+                      zero_points=self.pointer(f"{name}.qzeros") if f"{name}.qzeros" in self else 0,
+                      zero_terms=zero_terms, offsets=offsets,
                       input_order=order, n=n, k=k, bits=entry["bits"], block=entry["block_size"])
 
     @staticmethod

@@ -44,6 +44,7 @@ typedef struct {
     const uint8_t *codes;
     const float *scales;
     const uint8_t *zero_points; /* [n, ceil(blocks*bits/8)] low bits first, or NULL: the middle code */
+    const float *zero_terms;    /* [n, blocks] scale * (middle code - zero point), from zero_points, or NULL */
     const float *offsets;       /* [n, blocks] added times each block's input sum (float zero points), or NULL */
     /* the same codes and scales interleaved by eight rows (see groups_avx2; rows padded to a multiple of 8), or NULL */
     const uint8_t *packed;
@@ -304,13 +305,16 @@ static int zero_point(const ec_linear *w, int row, int b) {
 /* What the middle-code dot misses: explicit zero points ((middle - z) * sum(x) per block) and float zero
  * points (offset * exact block sum). */
 static float zero_point_term(const ec_linear *w, int row, const ec_act *a) {
-    const int blocks = (w->k + w->block - 1) / w->block, middle = 1 << (w->bits - 1);
-    const float *scales = w->scales + (size_t)row * blocks;
+    const int blocks = (w->k + w->block - 1) / w->block;
     float total = 0.f;
-    if (w->zero_points)
-        for (int b = 0; b < blocks; b++) total += scales[b] * (float)(middle - zero_point(w, row, b)) * a->sum[b];
+    if (w->zero_terms) {
+        const float *terms = w->zero_terms + (size_t)row * blocks;
+#pragma omp simd reduction(+ : total)
+        for (int b = 0; b < blocks; b++) total += terms[b] * a->sum[b];
+    }
     if (w->offsets) {
         const float *off = w->offsets + (size_t)row * blocks;
+#pragma omp simd reduction(+ : total)
         for (int b = 0; b < blocks; b++) total += off[b] * a->exact[b];
     }
     return total;
@@ -318,7 +322,7 @@ static float zero_point_term(const ec_linear *w, int row, const ec_act *a) {
 
 static void quantized_rows(const ec_linear *w, int row, int count, const ec_act *a, float *out) {
     const int blocks = (w->k + w->block - 1) / w->block, bpb = bytes_per_block(w);
-    const int explicit_zero = w->zero_points || w->offsets;
+    const int explicit_zero = w->zero_terms || w->offsets;
 #ifdef EC_AVX2
     if (avx2_covers(w, row)) {
         rows_kernel(w)(w, row, count, a, out);
