@@ -131,7 +131,7 @@ def test_bitcpm_rows_with_one_scale_stream_it_once(workdir, monkeypatch):
 
 
 @needs_kernels
-def test_auto_decodes_quantized_bundles_natively_and_fp32_ones_with_onnxruntime(workdir, monkeypatch):
+def test_auto_decodes_natively_where_faster_and_with_onnxruntime_elsewhere(workdir, monkeypatch):
     monkeypatch.delenv("EDGECPM_KERNELS", raising=False)
     source = checkpoint(workdir, ("llama", "dense"))
     quantized = load_backend(export(source, workdir / "auto-int4", SCHEMES["int4"]))
@@ -141,6 +141,8 @@ def test_auto_decodes_quantized_bundles_natively_and_fp32_ones_with_onnxruntime(
     dense = load_backend(dense_bundle)
     assert dense.native is None and "fp32 weights" in dense.native_unavailable
     assert load_backend(dense_bundle, kernels="native").native is not None  # forced: the kernels implement it
+    asymmetric = load_backend(export(source, workdir / "auto-int4-asym", SCHEMES["int4-asym"]))
+    assert asymmetric.native is None and "zero points" in asymmetric.native_unavailable
     monkeypatch.setenv("EDGECPM_KERNELS", "onnxruntime")
     assert load_backend(workdir / "auto-int4").native is None
 
@@ -184,4 +186,5 @@ def test_bundles_the_kernels_do_not_implement_decode_with_onnxruntime(workdir):
                               quant=QuantSpec("int4"), accuracy_level=0, quality_tokens=16)
     assert "accuracy level 0" in load_backend(exact, kernels="auto").native_unavailable
     # act-order GPTQ: q/k/v keep their own channel orders, so they stay separate MatMuls in the graph
-    assert "separate MatMuls" in load_backend(gptq_bundle(workdir, False, act_order=True), kernels="auto").native_unavailable
+    with pytest.raises(BundleError, match="separate MatMuls"):
+        load_backend(gptq_bundle(workdir, False, act_order=True), kernels="native")

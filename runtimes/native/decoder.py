@@ -230,6 +230,8 @@ def _check_faster(manifest: Manifest, library: ctypes.CDLL) -> None:
         raise KernelsUnavailable("fp32 weights decode faster on onnxruntime (kernels='native' forces the kernels)")
     if not library.ec_vectorised():
         raise KernelsUnavailable("no vectorised kernels for this CPU (the portable C path is slower than onnxruntime)")
+    if any(name.endswith(".qzeros") for name in manifest.extra.get("tensors", {})):
+        raise KernelsUnavailable("integer zero points (asymmetric int4/int8) decode about as fast on onnxruntime")
 
 
 def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[], Sequence[int]], threads: int, *,
