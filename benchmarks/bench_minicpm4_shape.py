@@ -103,14 +103,16 @@ def main() -> None:
         # Every weight is streamed once per decoded token (the tied table through the LM head): as the native
         # kernels lay it out where they decode, else the bundle's own bytes.
         weight_bytes = backend.native.streamed_bytes if backend.native else (bundle / "model.onnx.data").stat().st_size
-        rows.append({"scheme": scheme, "kernels": "native" if backend.native else "onnxruntime", "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode,
+        rows.append({"scheme": scheme, "kernels": "native" if backend.native else "onnxruntime",
+                     "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode,
                      "weight_bytes": weight_bytes, "roofline_fraction": weight_bytes * decode / bandwidth})
     print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s ({args.threads} threads)")
     print("| scheme | decode kernels | weights read per token, MB | prefill tok/s | decode tok/s | % of roofline |")
     print("|---|---|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['scheme']} | {row['kernels']} | {row['weight_bytes'] / 1e6:.1f} | {row['prefill_tokens_per_second']:.1f} | "
-              f"{row['decode_tokens_per_second']:.1f} | {100 * row['roofline_fraction']:.0f}% |")
+        print(f"| {row['scheme']} | {row['kernels']} | {row['weight_bytes'] / 1e6:.1f} | "
+              f"{row['prefill_tokens_per_second']:.1f} | {row['decode_tokens_per_second']:.1f} | "
+              f"{100 * row['roofline_fraction']:.0f}% |")
     if len(rows) == 2:
         print(f"\n{rows[1]['scheme']} / {rows[0]['scheme']} decode: "
               f"{rows[1]['decode_tokens_per_second'] / rows[0]['decode_tokens_per_second']:.2f}x")
