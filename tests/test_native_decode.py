@@ -22,8 +22,7 @@ from edgecpm.runtimes.native import load_library
 from edgecpm.runtimes.native.decoder import SCALES_FP16, SCALES_PER_ROW
 from edgecpm.runtimes.onnxruntime import load_backend
 from gptq_writer import write_gptq_checkpoint
-from test_quant_formats import bitcpm_fake_quantized
-from tiny_models import TINY_CONFIGS, random_tensors, write_hf_checkpoint
+from tiny_models import BITCPM, TINY_CONFIGS, write_bitcpm_checkpoint, write_hf_checkpoint
 
 FP32_ATOL = 1e-4
 INT8_ACTIVATION_RTOL = 0.02  # of max |logit|
@@ -111,17 +110,10 @@ def test_long_context_attention_is_split_and_merged_exactly(workdir, threads):
 def test_bitcpm_rows_with_one_scale_stream_it_once(workdir, monkeypatch):
     """BitCPM-style ternary weights, layers alternating one scale per row and per 64 weights: the kernels keep
     a per-row scale once (no per-block scales in their copy) and still decode as onnxruntime does."""
-    key = ("minicpm", "bitcpm-native")
-    monkeypatch.setitem(TINY_CONFIGS, key, {**TINY_CONFIGS[("minicpm", "dense")], "hidden_size": 128,
-                                            "intermediate_size": 192})
-    tensors = random_tensors(key)
-    for index, name in enumerate(sorted(tensors)):
-        if name.startswith("model.layers.") and name.endswith("proj.weight"):
-            tensors[name] = bitcpm_fake_quantized(tensors[name].shape, None if index % 2 else 64, seed=index)
-    source = write_hf_checkpoint(workdir / "bitcpm", key, tensors=tensors, dtype="bfloat16")
+    source = write_bitcpm_checkpoint(workdir / "bitcpm", monkeypatch)
     bundle = export(source, workdir / "bitcpm-ternary", QuantSpec("ternary", method="lossless"))
     layers = load_backend(bundle, kernels="native").native._model.layer
-    formats = {linear.scale_format for i in range(TINY_CONFIGS[key]["num_hidden_layers"])
+    formats = {linear.scale_format for i in range(TINY_CONFIGS[BITCPM]["num_hidden_layers"])
                for linear in (layers[i].qkv, layers[i].o, layers[i].gate_up, layers[i].down)}
     assert SCALES_PER_ROW in formats and len(formats) > 1  # and per-block scales where layers have them
     expected, got = decode_both(bundle)

@@ -7,7 +7,6 @@ runs on QUALITY_TOKENS evaluation tokens to keep the suite quick.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,7 @@ from edgecpm.quant.plan import QuantizationWarning, make_quantizer, quantized_we
 from edgecpm.quant.spec import QuantSpec
 from edgecpm.runtimes.onnxruntime import load_backend
 from gptq_writer import write_gptq_checkpoint
-from test_quant_formats import bitcpm_fake_quantized
-from tiny_models import TINY_CONFIGS, random_tensors, write_hf_checkpoint
+from tiny_models import write_bitcpm_checkpoint, write_hf_checkpoint
 
 torch = pytest.importorskip("torch")
 
@@ -114,19 +112,9 @@ def test_tied_ort_head_shares_the_table_initializer(workdir):
 
 # --- BitCPM ternary ---------------------------------------------------------------------------------
 
-BITCPM = ("minicpm", "bitcpm")
-
-
 @pytest.fixture(scope="module")
 def bitcpm_checkpoint(workdir, monkeypatch_module) -> Path:
-    """hidden 128 so that group-64 scales differ from per-row ones; layers alternate the two."""
-    monkeypatch_module.setitem(TINY_CONFIGS, BITCPM, {**TINY_CONFIGS[("minicpm", "dense")], "hidden_size": 128,
-                                                      "intermediate_size": 192})
-    tensors = random_tensors(BITCPM)
-    for index, name in enumerate(sorted(tensors)):
-        if name.startswith("model.layers.") and name.endswith("proj.weight"):
-            tensors[name] = bitcpm_fake_quantized(tensors[name].shape, None if index % 2 else 64, seed=index)
-    return write_hf_checkpoint(workdir / "bitcpm", BITCPM, tensors=tensors, dtype="bfloat16")
+    return write_bitcpm_checkpoint(workdir / "bitcpm", monkeypatch_module)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from edgecpm.quant.gptq import convert_gptq, dequantize_gptq
 from edgecpm.quant.spec import QuantSpec
 from edgecpm.quant.ternary import detect_ternary, pack_ternary_exact
 from gptq_writer import pack_gptq_v1
+from tiny_models import bitcpm_fake_quantized
 
 ONNX_FLOAT = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 
@@ -115,19 +116,6 @@ def test_asymmetric_weights_cannot_become_dequantize_linear():
 
 
 # --- BitCPM ternary -------------------------------------------------------------------------------
-
-
-def bitcpm_fake_quantized(shape, group, seed=0) -> np.ndarray:
-    """Ternary weights stored as bf16-representable floats, like BitCPM4's fake-quantized release."""
-    import torch
-
-    rng = np.random.default_rng(seed)
-    n, k = shape
-    group = k if group is None else group
-    scales = np.abs(rng.standard_normal((n, k // group))).astype(np.float32) * 0.05 + 0.01
-    signs = rng.integers(-1, 2, size=shape).astype(np.float32)
-    weight = signs * np.repeat(scales, group, axis=1)
-    return torch.from_numpy(weight).to(torch.bfloat16).float().numpy()
 
 
 @pytest.mark.parametrize("group", [None, 128, 64, 32])

@@ -141,3 +141,32 @@ def write_hf_checkpoint(directory: Path, key: tuple[str, str], *, seed: int = 0,
     (directory / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     write_tokenizer_files(directory)
     return directory
+
+
+def bitcpm_fake_quantized(shape, group, seed=0) -> np.ndarray:
+    """Ternary weights stored as bf16-representable floats, like BitCPM4's fake-quantized release."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    n, k = shape
+    group = k if group is None else group
+    scales = np.abs(rng.standard_normal((n, k // group))).astype(np.float32) * 0.05 + 0.01
+    signs = rng.integers(-1, 2, size=shape).astype(np.float32)
+    weight = signs * np.repeat(scales, group, axis=1)
+    return torch.from_numpy(weight).to(torch.bfloat16).float().numpy()
+
+
+BITCPM = ("minicpm", "bitcpm")
+
+
+def write_bitcpm_checkpoint(directory: Path, monkeypatch) -> Path:
+    """A MiniCPM checkpoint whose decoder projections are BitCPM-style ternary in bf16, layers alternating one
+    scale per row and one per 64 weights (hidden 128, so the two differ). No architecture registers this
+    variant, so its config enters TINY_CONFIGS only through `monkeypatch`."""
+    monkeypatch.setitem(TINY_CONFIGS, BITCPM, {**TINY_CONFIGS[("minicpm", "dense")], "hidden_size": 128,
+                                               "intermediate_size": 192})
+    tensors = random_tensors(BITCPM)
+    for index, name in enumerate(sorted(tensors)):
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            tensors[name] = bitcpm_fake_quantized(tensors[name].shape, None if index % 2 else 64, seed=index)
+    return write_hf_checkpoint(directory, BITCPM, tensors=tensors, dtype="bfloat16")

@@ -266,8 +266,8 @@ static inline __attribute__((always_inline)) void groups_avx2(const int bits, co
     }
     float rows[16];
     for (int g = 0; g < pairs; g++) {
-        const __m256 row_scale = _mm256_loadu_ps((const float *)(scales + g * group_bytes));
-        _mm256_storeu_ps(rows + 8 * g, scale_format == EC_SCALES_PER_ROW ? _mm256_mul_ps(acc[g], row_scale) : acc[g]);
+        if (scale_format == EC_SCALES_PER_ROW) acc[g] = _mm256_mul_ps(acc[g], _mm256_loadu_ps((const float *)(scales + g * group_bytes)));
+        _mm256_storeu_ps(rows + 8 * g, acc[g]);
     }
     for (int r = 0; r < count; r++) out[r] = rows[r];
 }
@@ -279,9 +279,9 @@ static inline __attribute__((always_inline)) void groups_avx2(const int bits, co
         for (; r < count; r += 8) groups_avx2(bits, 1, format, w, (row + r) / 8, a, out + r, count - r < 8 ? count - r : 8); \
     }
 #define EC_ROW_KERNELS_ALL_BITS(format) EC_ROW_KERNELS(2, format) EC_ROW_KERNELS(4, format) EC_ROW_KERNELS(8, format)
-EC_ROW_KERNELS_ALL_BITS(0)
-EC_ROW_KERNELS_ALL_BITS(1)
-EC_ROW_KERNELS_ALL_BITS(2)
+EC_ROW_KERNELS_ALL_BITS(0) /* EC_SCALES_FP32 */
+EC_ROW_KERNELS_ALL_BITS(1) /* EC_SCALES_FP16 */
+EC_ROW_KERNELS_ALL_BITS(2) /* EC_SCALES_PER_ROW */
 
 typedef void (*ec_rows_kernel)(const ec_linear *, int, int, const ec_act *, float *);
 static ec_rows_kernel rows_kernel(const ec_linear *w) {
