@@ -167,6 +167,24 @@ def test_kv_cache_is_shared_with_the_graph(workdir):
     np.testing.assert_allclose(native.prefill(turn), graph.prefill(turn), atol=FP32_ATOL)
 
 
+@needs_kernels
+def test_float_weights_are_held_once(workdir):
+    """Decoding a float bundle natively, onnxruntime's initializers are views of the kernels' memory map (no
+    second copy, no prepacked one), and its prefill over them still computes the graph's logits."""
+    bundle = export(checkpoint(workdir, ("minicpm", "untied")), workdir / "held-once", None)
+    native = load_backend(bundle, kernels="native", threads=2)
+    mapped = native.native.in_place_tensors()
+    assert set(mapped) == set(native.native._weights.index) and len(mapped) > 10
+    assert all(np.shares_memory(array, native.native._weights.data) for array in mapped.values())
+    assert set(native._shared_values) == set(mapped)
+    graph = load_backend(bundle, kernels="onnxruntime", threads=1)
+    assert not graph._shared_values
+    np.testing.assert_allclose(native.prefill(PROMPT), graph.prefill(PROMPT), atol=FP32_ATOL)
+    quantized = load_backend(export(checkpoint(workdir, ("llama", "dense")), workdir / "held-int4", SCHEMES["int4"]),
+                             kernels="native")
+    assert quantized.native.in_place_tensors() == {}  # decoded from an interleaved copy; onnxruntime prepacks its own
+
+
 def test_bundles_the_kernels_do_not_implement_decode_with_onnxruntime(workdir):
     mla = export(checkpoint(workdir, ("minicpm3", "mla")), workdir / "mla", None)
     assert load_backend(mla, kernels="onnxruntime").native_unavailable == "not requested"

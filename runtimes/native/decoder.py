@@ -160,6 +160,9 @@ class _Weights:
         self.keep.append(packed)
         return packed, scale_format
 
+    def every_tensor(self) -> dict[str, np.ndarray]:
+        return {name: self.array(name) for name in self.index}
+
     def quantized_with_float_activations(self) -> list[str]:
         return [name for name, entry in self.index.items() if entry.get("accuracy_level", INT8_ACTIVATIONS) != INT8_ACTIVATIONS]
 
@@ -206,9 +209,9 @@ class NativeDecoder:
     """decode(token, position, logits) writes the logits [1, V] of one new token and its K/V rows.
     `streamed_bytes`: the weight bytes one step reads (for rooflines)."""
 
-    def __init__(self, library: ctypes.CDLL, model: Model, keep: list, streamed_bytes: int):
-        self._library, self._model, self._keep = library, model, keep
-        self.streamed_bytes = streamed_bytes
+    def __init__(self, library: ctypes.CDLL, model: Model, weights: _Weights, keep: list):
+        self._library, self._model, self._weights, self._keep = library, model, weights, keep
+        self.streamed_bytes = weights.streamed_bytes
         self._state = library.ec_state_new(ctypes.byref(model))  # buffers for every step, allocated once
         if not self._state:
             raise KernelsUnavailable("could not allocate the decode buffers")
@@ -219,6 +222,11 @@ class NativeDecoder:
         if status:
             raise GenerationError(f"native decode refused token {token} at position {position} (status {status})")
 
+    def in_place_tensors(self) -> dict[str, np.ndarray]:
+        """Every tensor of the bundle as a view of the memory map, when the kernels compute on them as stored
+        (float bundles; quantized ones decode from an interleaved copy): what onnxruntime can share."""
+        return {} if self._weights.keep else self._weights.every_tensor()
+
     def __del__(self):
         if getattr(self, "_state", None):
             self._library.ec_state_free(self._state)
@@ -227,7 +235,8 @@ class NativeDecoder:
 def _check_faster(manifest: Manifest, library: ctypes.CDLL) -> None:
     """Where the kernels decode slower than onnxruntime (docs/BENCHMARKS.md), `auto` leaves the bundle to it."""
     if not manifest.quantization:
-        raise KernelsUnavailable("fp32 weights decode faster on onnxruntime (kernels='native' forces the kernels)")
+        raise KernelsUnavailable("fp32 weights: both decode at the memory-bandwidth roof, and onnxruntime's prefill is "
+                                 "faster on its prepacked copy (kernels='native' holds the weights once)")
     if not library.ec_vectorised():
         raise KernelsUnavailable("no vectorised kernels for this CPU (the portable C path is slower than onnxruntime)")
     if any(name.endswith(".qzeros") for name in manifest.extra.get("tensors", {})):
@@ -249,11 +258,13 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[
         raise KernelsUnavailable(f"{float_activations[0]} computes with float activations (accuracy level 0)")
     h, vocab, tied = arch["hidden_size"], arch["vocab_size"], arch["tie_word_embeddings"]
     layers = DECODER_FAMILY[arch["architecture"]](weights, arch, kv_pointers())
-    table = weights.linear("embed_tokens", h, vocab, dense_nk=True) if "embed_tokens" in weights else \
-        weights.linear("embed_tokens", h, vocab)
     if "embed_tokens.block_offsets" in weights:
         raise KernelsUnavailable("an embedding table with float zero points")
+    before_table = weights.streamed_bytes
+    table = weights.linear("embed_tokens", h, vocab, dense_nk=True) if "embed_tokens" in weights else \
+        weights.linear("embed_tokens", h, vocab)
     if "lm_head" in weights or "lm_head.qweight" in weights:
+        weights.streamed_bytes = before_table  # a step reads one row of a table that is not the head
         head = weights.linear("lm_head", h, vocab)
     else:
         head = table  # a tied head reading the table itself
@@ -267,4 +278,4 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[
         rope_cos=weights.pointer("rope_cos", np.float32), rope_sin=weights.pointer("rope_sin", np.float32),
         table=table, head=head, final_norm=weights.pointer("final_norm", np.float32),
         layer=ctypes.cast(layers, ctypes.POINTER(Layer)))
-    return NativeDecoder(library, model, [weights, layers], weights.streamed_bytes)
+    return NativeDecoder(library, model, weights, [layers])

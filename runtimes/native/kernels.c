@@ -19,6 +19,7 @@
 #include <omp.h>
 #else
 #define omp_get_thread_num() 0
+#define omp_get_num_threads() 1
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -342,30 +343,46 @@ static void quantized_rows(const ec_linear *w, int row, int count, const ec_act 
     }
 }
 
+/* float [n, k] rows (Gemm transB, the embedding table as a tied head): one dot product per row */
 static void dense_rows(const ec_linear *w, int row, int count, const float *x, float *out) {
-    if (w->dense_nk) {
-        for (int r = 0; r < count; r++) {
-            const float *wr = w->dense + (size_t)(row + r) * w->k;
-            int i = 0;
-            float total = 0.f;
+    for (int r = 0; r < count; r++) {
+        const float *wr = w->dense + (size_t)(row + r) * w->k;
+        int i = 0;
+        float total = 0.f;
 #ifdef EC_AVX2
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-            for (; i + 16 <= w->k; i += 16) {
-                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i), _mm256_loadu_ps(x + i), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
-            }
-            total = hsum(_mm256_add_ps(acc0, acc1));
-#endif
-            for (; i < w->k; i++) total += wr[i] * x[i];
-            out[r] = total;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (; i + 16 <= w->k; i += 16) {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i), _mm256_loadu_ps(x + i), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
         }
-        return;
+        total = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+        for (; i < w->k; i++) total += wr[i] * x[i];
+        out[r] = total;
     }
-    for (int r = 0; r < count; r++) out[r] = 0.f;
-    for (int i = 0; i < w->k; i++) {
-        const float *wr = w->dense + (size_t)i * w->n + row, xi = x[i];
-        for (int r = 0; r < count; r++) out[r] += xi * wr[r];
+}
+
+/* Input rows [i, end) of a float [k, n] (MatMul layout) weight, added into n partial sums: whole rows, four at
+ * a time, so the read is one sequential stream. */
+static void dense_kn_rows(const ec_linear *w, int i, int end, const float *x, float *partial) {
+    const int n = w->n;
+    for (; i + 4 <= end; i += 4) {
+        const float *w0 = w->dense + (size_t)i * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+        int j = 0;
+#ifdef EC_AVX2
+        const __m256 x0 = _mm256_set1_ps(x[i]), x1 = _mm256_set1_ps(x[i + 1]), x2 = _mm256_set1_ps(x[i + 2]),
+                     x3 = _mm256_set1_ps(x[i + 3]);
+        for (; j + 8 <= n; j += 8) {
+            __m256 acc = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + j), _mm256_loadu_ps(partial + j));
+            acc = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + j), acc);
+            acc = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + j), acc);
+            _mm256_storeu_ps(partial + j, _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + j), acc));
+        }
+#endif
+        for (; j < n; j++) partial[j] += x[i] * w0[j] + x[i + 1] * w1[j] + x[i + 2] * w2[j] + x[i + 3] * w3[j];
     }
+    for (; i < end; i++)
+        for (int j = 0; j < n; j++) partial[j] += x[i] * w->dense[(size_t)i * n + j];
 }
 
 /* ---- per-step pieces --------------------------------------------------------------------------------- */
@@ -373,15 +390,42 @@ static void dense_rows(const ec_linear *w, int row, int count, const float *x, f
 typedef struct {
     float *gathered; /* input_order scratch */
     ec_act act;
+    float *partial;            /* this thread's sums of a float [k, n] linear (dense_kn_rows) */
+    float *const *partials;    /* every thread's, by thread number */
 } ec_scratch;
 
+static int row_chunk(int n, int threads);
+
+/* Every thread calls it before the team computes rows of `w` (linear_rows). Quantized: each thread quantizes the
+ * input for itself (no barrier). Float [k, n]: the team splits k instead of n, because a split of n would read
+ * every weight row in short strided pieces; each thread streams whole rows into its own partial sums, which
+ * linear_rows then adds. */
 static void prepare_input(const ec_linear *w, const float *x, ec_scratch *s) {
-    if (!w->dense) quantize(w, x, s->gathered, &s->act);
+    if (!w->dense) {
+        quantize(w, x, s->gathered, &s->act);
+        return;
+    }
+    if (w->dense_nk) return;
+    memset(s->partial, 0, sizeof(float) * w->n);
+    const int chunk = row_chunk(w->k, omp_get_num_threads()), chunks = (w->k + chunk - 1) / chunk;
+#pragma omp for schedule(dynamic, 1)
+    for (int c = 0; c < chunks; c++)
+        dense_kn_rows(w, c * chunk, (c + 1) * chunk < w->k ? (c + 1) * chunk : w->k, x, s->partial);
 }
 
 static void linear_rows(const ec_linear *w, int row, int count, const float *x, const ec_scratch *s, float *out) {
-    if (w->dense) dense_rows(w, row, count, x, out);
-    else quantized_rows(w, row, count, &s->act, out);
+    if (!w->dense) {
+        quantized_rows(w, row, count, &s->act, out);
+    } else if (w->dense_nk) {
+        dense_rows(w, row, count, x, out);
+    } else {
+        const int threads = omp_get_num_threads();
+        for (int r = 0; r < count; r++) {
+            float total = 0.f;
+            for (int t = 0; t < threads; t++) total += s->partials[t][row + r];
+            out[r] = total;
+        }
+    }
 }
 
 /* Rows per work item: about four items per thread, in whole pairs of 8-row groups. Long items keep each
@@ -637,6 +681,7 @@ typedef struct {
     ec_attention attention;
     int threads;
     ec_thread *thread;
+    float **partials; /* each thread's ec_scratch.partial */
 } ec_state;
 
 void ec_state_free(ec_state *st) {
@@ -644,9 +689,9 @@ void ec_state_free(ec_state *st) {
     for (int t = 0; st->thread && t < st->threads; t++) {
         free(st->thread[t].residual); free(st->thread[t].normed); free(st->thread[t].s.gathered);
         free(st->thread[t].s.act.q); free(st->thread[t].s.act.scale); free(st->thread[t].s.act.sum);
-        free(st->thread[t].s.act.exact); free(st->thread[t].s.act.correction);
+        free(st->thread[t].s.act.exact); free(st->thread[t].s.act.correction); free(st->thread[t].s.partial);
     }
-    free(st->thread); free(st->qkv); free(st->branch); free(st->gated);
+    free(st->partials); free(st->thread); free(st->qkv); free(st->branch); free(st->gated);
     free(st->attention.values); free(st->attention.top); free(st->attention.total); free(st->attention.scores);
     free(st);
 }
@@ -664,7 +709,9 @@ ec_state *ec_state_new(const ec_model *m) {
     st->branch = malloc(sizeof(float) * m->hidden);
     st->gated = malloc(sizeof(float) * 2 * wide); /* gate and up */
     st->thread = calloc((size_t)m->threads, sizeof(*st->thread));
-    int ok = st->qkv && st->attention.values && st->attention.top && st->attention.total && st->attention.scores &&
+    st->partials = calloc((size_t)m->threads, sizeof(float *));
+    const size_t widest_output = (size_t)m->vocab > 2 * wide ? (size_t)m->vocab : 2 * wide;
+    int ok = st->partials && st->qkv && st->attention.values && st->attention.top && st->attention.total && st->attention.scores &&
              st->branch && st->gated && st->thread;
     for (int t = 0; ok && t < m->threads; t++) {
         ec_thread *own = &st->thread[t];
@@ -676,7 +723,9 @@ ec_state *ec_state_new(const ec_model *m) {
         own->s.act.sum = malloc(sizeof(float) * blocks);
         own->s.act.exact = malloc(sizeof(float) * blocks);
         own->s.act.correction = malloc(sizeof(int32_t) * blocks);
-        ok = own->residual && own->normed && own->s.gathered && own->s.act.q && own->s.act.scale && own->s.act.sum &&
+        own->s.partial = st->partials[t] = malloc(sizeof(float) * widest_output);
+        own->s.partials = st->partials;
+        ok = own->s.partial && own->residual && own->normed && own->s.gathered && own->s.act.q && own->s.act.scale && own->s.act.sum &&
              own->s.act.exact && own->s.act.correction;
     }
     if (!ok) {

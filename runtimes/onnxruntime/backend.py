@@ -68,22 +68,23 @@ def session_options(threads: int | None, *, prepack: bool = True, spin: bool = T
 class _SharedBufferCache:
     """KV for GroupQueryAttention graphs: bound once, the graph writes new rows in place."""
 
-    def __init__(self, session: ort.InferenceSession, binding: ort.IOBinding, layout: dict, max_context: int):
+    def __init__(self, layout: dict, max_context: int):
         dtype = np.dtype(layout["dtype"])
-        self.values = []
-        for tensor in layout["tensors"]:
-            shape = [1, tensor["heads"], max_context, tensor["dim"]]
-            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cpu", 0)
-            binding.bind_ortvalue_input(tensor["input"], value)
-            binding.bind_ortvalue_output(tensor["output"], value)
-            self.values.append(value)
-        self.binding = binding
+        self.tensors = layout["tensors"]
+        self.values = [ort.OrtValue.ortvalue_from_shape_and_type([1, t["heads"], max_context, t["dim"]], dtype, "cpu", 0)
+                       for t in self.tensors]
         # Decode inputs live in OrtValues updated in place: no allocation, no rebinding per token.
         self._ids = np.zeros((1, 1), np.int64)
         self._seqlens = np.zeros((1,), np.int32)
         self._total = np.zeros((), np.int32)
         self._decode_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (self._ids, self._seqlens, self._total)]
         self._decode_bound = False
+
+    def bind(self, binding: ort.IOBinding) -> None:
+        self.binding = binding
+        for tensor, value in zip(self.tensors, self.values):
+            binding.bind_ortvalue_input(tensor["input"], value)
+            binding.bind_ortvalue_output(tensor["output"], value)
 
     def bind_step(self, token_ids: np.ndarray, position: int) -> None:
         total = position + token_ids.shape[1]
@@ -105,12 +106,14 @@ class _SharedBufferCache:
 class _AppendCache:
     """KV for standard-op graphs: past = buffer prefix, new rows written by the graph right after it."""
 
-    def __init__(self, session: ort.InferenceSession, binding: ort.IOBinding, layout: dict, max_context: int):
+    def __init__(self, layout: dict, max_context: int):
         self.dtype = np.dtype(layout["dtype"])
         self.tensors = layout["tensors"]
         self.buffers = [np.zeros((1, max_context, t["heads"], t["dim"]), self.dtype) for t in self.tensors]
-        self.binding = binding
         self._ids = np.zeros((1, 1), np.int64)
+
+    def bind(self, binding: ort.IOBinding) -> None:
+        self.binding = binding
 
     def bind_step(self, token_ids: np.ndarray, position: int) -> None:
         n = token_ids.shape[1]
@@ -151,18 +154,25 @@ class OnnxRuntimeBackend:
         layout = manifest.kv_layout
         if layout.get("mode") not in KV_CACHES:
             raise BundleError(f"unknown KV layout mode {layout.get('mode')!r}", path=model_path, field="kv_layout.mode")
-        self.session = ort.InferenceSession(str(model_path), session_options(threads, prepack=prepack, spin=spin),
-                                            providers=["CPUExecutionProvider"])
+        self.cache = KV_CACHES[layout["mode"]](layout, self.max_context)
+        self.native, self.native_unavailable = None, "not requested"
+        if kernels != "onnxruntime":
+            self._attach_native(model_path, manifest, threads, required=kernels == "native")
+        # Float weights the kernels read in place are onnxruntime's initializers too, unpacked: the process holds
+        # them once (SmolLM2 fp32: 1113 -> ~650 MB resident) for a ~14% slower prefill (MLAS packs per call).
+        shared = self.native.in_place_tensors() if self.native else {}
+        options = session_options(threads, prepack=prepack and not shared, spin=spin)
+        self._shared_values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in shared.items()}
+        for name, value in self._shared_values.items():
+            options.add_initializer(name, value)
+        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.binding = self.session.io_binding()
-        self.cache = KV_CACHES[layout["mode"]](self.session, self.binding, layout, self.max_context)
+        self.cache.bind(self.binding)
         self._logits = np.zeros((1, self.vocab_size), np.float32)
         self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
         self.binding.bind_ortvalue_output(LOGITS, self._logits_value)
         self._run_options = ort.RunOptions()
         self._position = 0
-        self.native, self.native_unavailable = None, "not requested"
-        if kernels != "onnxruntime":
-            self._attach_native(model_path, manifest, threads, required=kernels == "native")
 
     def _attach_native(self, model_path: Path, manifest: Manifest, threads: int | None, *, required: bool) -> None:
         from edgecpm.runtimes.native import KernelsUnavailable, native_decoder
