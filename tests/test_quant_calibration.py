@@ -22,11 +22,14 @@ def test_gptq_lowers_output_error_on_correlated_inputs():
     basis = rng.standard_normal((16, 128))
     inputs = (rng.standard_normal((512, 16)) @ basis + 0.05 * rng.standard_normal((512, 128))).astype(np.float32)
     weight = rng.standard_normal((64, 128)).astype(np.float32)
+    hessian = inputs.T @ inputs
     for symmetric in (True, False):
         rtn = quantize_rtn(weight, 4, 32, symmetric=symmetric)
+        # GPTQ keeps RTN's layout, with block scales chosen by the input channels' importance (its diagonal)
+        static = quantize_rtn(weight, 4, 32, symmetric=symmetric, importance=np.diag(hessian))
         for act_order in (True, False):
-            gptq = gptq_quantize(weight, inputs.T @ inputs, 4, 32, symmetric=symmetric, act_order=act_order)
-            assert np.array_equal(gptq.scales, rtn.scales) and np.array_equal(gptq.zero_points, rtn.zero_points)
+            gptq = gptq_quantize(weight, hessian, 4, 32, symmetric=symmetric, act_order=act_order)
+            assert np.array_equal(gptq.scales, static.scales) and np.array_equal(gptq.zero_points, static.zero_points)
             assert relative_output_error(inputs, weight, gptq) < 0.8 * relative_output_error(inputs, weight, rtn)
 
 

@@ -87,6 +87,24 @@ def test_rtn_error_bounds():
     assert np.allclose(np.abs(extremes[..., 0]), blocks.max(-1), rtol=1e-6)
 
 
+def test_importance_weighted_scales_never_lose_to_the_rule():
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((64, 256)).astype(np.float32)
+    importance = rng.gamma(0.5, size=256).astype(np.float32)  # a few channels carry most of the input energy
+    rule = quantize_rtn(weight, 4, 32, scale_dtype=np.float16)
+    searched = quantize_rtn(weight, 4, 32, scale_dtype=np.float16, importance=importance)
+
+    def weighted_block_error(quantized):
+        return (np.square(quantized.dequantize().astype(np.float32) - weight) * importance).reshape(64, 8, 32).sum(-1)
+
+    assert searched.scales.dtype == np.float16 and np.array_equal(searched.zero_points, rule.zero_points)
+    assert np.all(weighted_block_error(searched) <= weighted_block_error(rule) * (1 + 1e-6))
+    assert weighted_block_error(searched).sum() < 0.8 * weighted_block_error(rule).sum()
+    assert np.array_equal(matmul_nbits_weight(searched, np.float16), searched.dequantize().T)
+    # 8-bit blocks keep the rule: its error is already small next to the activations' int8 rounding
+    assert np.array_equal(quantize_rtn(weight, 8, 32, importance=importance).scales, quantize_rtn(weight, 8, 32).scales)
+
+
 def test_ternary_rtn_uses_only_three_levels_with_zero_point_two():
     quantized = quantize_ternary(np.random.default_rng(0).standard_normal((8, 64)), 32)
     assert set(np.unique(quantized.codes)) <= {1, 2, 3}

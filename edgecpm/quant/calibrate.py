@@ -117,7 +117,8 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size
     """
     import torch
 
-    reference = quantize_rtn(weight, bits, block_size, symmetric=symmetric, scale_dtype=scale_dtype)
+    reference = quantize_rtn(weight, bits, block_size, symmetric=symmetric, scale_dtype=scale_dtype,
+                             importance=np.diag(hessian))
     if weight.shape[1] % block_size:
         return reference  # the padded tail block has no Hessian rows; RTN is exact enough for such shapes
     w = torch.from_numpy(np.array(weight, dtype=np.float32))

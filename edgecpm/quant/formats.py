@@ -65,20 +65,31 @@ def _blocks(weight: np.ndarray, block_size: int, pad_value: float = 0.0) -> np.n
     return weight.reshape(out_features, padded // block_size, block_size)
 
 
+# Candidate scales per block, as fractions of the Q4_0 rule's (the extreme value at the most negative code) and of
+# the mirrored rule (the extreme at the most positive code); the rule itself is a candidate, so a searched block
+# is never worse than it. Searched only where per-channel importance is known (GPTQ's Hessian diagonal): on
+# SmolLM2 an unweighted search cut int4 RTN's squared weight error by 22% and left perplexity as it was
+# (+19.1% vs +18.6%), while the weighted one moved GPTQ from +8.7% to +6.8% (mean KL 0.086 -> 0.077).
+SCALE_SEARCH = np.linspace(0.6, 1.0, 17)
+SEARCHED_BITS = 4  # at 8 bits the rule is already near-lossless; searching would only slow the export
+SEARCH_ROWS = 2048  # rows per pass: bounds the temporaries at a few times that many rows of the weight
+
+
 def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, *, symmetric: bool = True,
-                 scale_dtype: np.dtype = np.float32) -> BlockQuantized:
+                 scale_dtype: np.dtype = np.float32, importance: np.ndarray | None = None) -> BlockQuantized:
     """Round-to-nearest blockwise quantization of a [N, K] weight.
 
-    Symmetric blocks use the llama.cpp Q4_0 rule (the largest-magnitude value maps to the most negative
-    code, so the full code range is used); asymmetric blocks span [min(w, 0), max(w, 0)].
+    Symmetric blocks use the llama.cpp Q4_0 rule (the largest-magnitude value maps to the most negative code,
+    so the full code range is used); given `importance` [K] (GPTQ passes its Hessian diagonal, each input
+    channel's mean squared activation), 4-bit blocks take instead the SCALE_SEARCH candidate with the least
+    importance-weighted squared rounding error. Asymmetric blocks span [min(w, 0), max(w, 0)].
     """
     weight = np.asarray(weight, dtype=np.float32)
     blocks = _blocks(weight, block_size)
     top = (1 << bits) - 1
     if symmetric:
-        index = np.abs(blocks).argmax(axis=-1)[..., None]
-        extreme = np.take_along_axis(blocks, index, axis=-1)[..., 0]
-        scales = (extreme / -default_zero_point(bits)).astype(scale_dtype)
+        scales = np.concatenate([_symmetric_scales(blocks[start:start + SEARCH_ROWS], bits, scale_dtype, importance)
+                                 for start in range(0, blocks.shape[0], SEARCH_ROWS)])
         zeros = np.full(scales.shape, default_zero_point(bits), dtype=np.uint8)
     else:
         low, high = np.minimum(blocks.min(axis=-1), 0), np.maximum(blocks.max(axis=-1), 0)
@@ -86,6 +97,30 @@ def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, *, symmetric: b
         safe = np.where(scales == 0, 1, scales).astype(np.float32)
         zeros = np.clip(np.round(-low / safe), 0, top).astype(np.uint8)
     return encode_with_scales(weight, scales, zeros, bits, block_size)
+
+
+def _symmetric_scales(blocks: np.ndarray, bits: int, scale_dtype, importance: np.ndarray | None) -> np.ndarray:
+    middle = default_zero_point(bits)
+    index = np.abs(blocks).argmax(axis=-1)[..., None]
+    extreme = np.take_along_axis(blocks, index, axis=-1)[..., 0]
+    rule = (extreme / -middle).astype(scale_dtype)
+    if bits > SEARCHED_BITS or importance is None:
+        return rule
+    channel_weight = _blocks(np.asarray(importance, dtype=np.float32)[None, :], blocks.shape[-1])  # [1, blocks, block]
+
+    def error(scales: np.ndarray) -> np.ndarray:
+        step = scales.astype(np.float32)[..., None]
+        codes = np.clip(np.round(blocks / np.where(step == 0, 1, step)), -middle, middle - 1)
+        return (np.square(blocks - codes * step) * channel_weight).sum(axis=-1)
+
+    best, best_error = rule, error(rule)
+    for divisor in (-middle, middle - 1):
+        for fraction in SCALE_SEARCH:
+            candidate = (extreme * np.float32(fraction) / divisor).astype(scale_dtype)
+            candidate_error = error(candidate)
+            better = candidate_error < best_error
+            best, best_error = np.where(better, candidate, best), np.where(better, candidate_error, best_error)
+    return best
 
 
 def encode_with_scales(weight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, block_size: int) -> BlockQuantized:
