@@ -31,7 +31,7 @@ def profile(bundle: Path, prompt_tokens: int, new_tokens: int, threads: int) -> 
 
     backend_module.session_options = profiled_options
     try:
-        backend = load_backend(bundle, threads=threads)
+        backend = load_backend(bundle, threads=threads, kernels="onnxruntime")  # profiles the graph's ops
     finally:
         backend_module.session_options = plain_options
     backend.prefill((np.arange(prompt_tokens) * 37 + 11) % 1000 + 100)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgecpm.errors import BundleError
+from edgecpm.errors import BundleError, GenerationError
 from edgecpm.export import export_checkpoint
 from edgecpm.quant.plan import QuantizationWarning
 from edgecpm.quant.spec import QuantSpec
@@ -79,12 +79,16 @@ def checkpoint(workdir: Path, key) -> Path:
     return directory
 
 
+def bundle_of(workdir: Path, key, scheme: str) -> Path:
+    out = workdir / f"{'-'.join(key)}-{scheme}"
+    return out if out.exists() else export(checkpoint(workdir, key), out, SCHEMES[scheme])
+
+
 @needs_kernels
 @pytest.mark.parametrize("key", KEYS, ids=["-".join(k) for k in KEYS])
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_native_decode_matches_onnxruntime(workdir, key, scheme):
-    bundle = export(checkpoint(workdir, key), workdir / f"{'-'.join(key)}-{scheme}", SCHEMES[scheme])
-    expected, got = decode_both(bundle)
+    expected, got = decode_both(bundle_of(workdir, key, scheme))
     worst = max(float(np.abs(e - g).max()) for e, g in zip(expected, got))
     if scheme == "fp32":
         assert worst <= FP32_ATOL
@@ -120,6 +124,64 @@ def test_bitcpm_rows_with_one_scale_stream_it_once(workdir, monkeypatch):
     scale = max(float(np.abs(e).max()) for e in expected)
     assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= INT8_ACTIVATION_RTOL * scale
     assert [int(e.argmax()) for e in expected] == [int(g.argmax()) for g in got]
+
+
+PREFILL_CASES = [(("llama", "dense"), "int4"), (("minicpm", "untied"), "int8"), (("minicpm", "fatrelu"), "ternary"),
+                 (("llama", "llama3_rope"), "int4-asym"), (("minicpm", "longrope"), "int4-tables4")]
+
+
+def kv_rows(backend, position: int) -> list[np.ndarray]:
+    return [np.array(value.numpy()[:, :, :position]) for value in backend.cache.values]
+
+
+@needs_kernels
+@pytest.mark.parametrize("key, scheme", PREFILL_CASES, ids=["-".join(k) + f"-{s}" for k, s in PREFILL_CASES])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_native_prefill_is_its_decode_steps_batched(workdir, key, scheme, threads):
+    """Prompts of 1 to 3 passes of 16 tokens, at position 0 and after a turn: the kernels' prefill leaves the
+    logits and KV rows that decoding the same tokens one by one leaves, bit for bit (each pass reads the weights
+    once; per token the arithmetic is a decode step's); and against onnxruntime's graph prefill, the int8-
+    activation tolerance and the same next token."""
+    bundle = bundle_of(workdir, key, scheme)
+    batched, stepped = (load_backend(bundle, kernels="native", threads=threads) for _ in range(2))
+    graph = load_backend(bundle, kernels="onnxruntime", threads=1)
+    assert batched.session is None and batched.native.prefills  # no onnxruntime graph: the weights are held once
+    rng = np.random.default_rng(threads)
+    for length in (1, 16, 37):
+        first, turn = rng.integers(3, 120, size=length), rng.integers(3, 120, size=5)
+        for backend in (batched, stepped, graph):
+            backend.reset()
+        for tokens in (first, turn):
+            got = batched.prefill(tokens)
+            expected = stepped.prefill(tokens[:1])
+            for token in tokens[1:]:
+                expected = stepped.decode(int(token))
+            np.testing.assert_array_equal(got, expected)
+            graph_logits = graph.prefill(tokens)
+            assert np.abs(got - graph_logits).max() <= INT8_ACTIVATION_RTOL * np.abs(graph_logits).max()
+            assert int(got.argmax()) == int(graph_logits.argmax())
+        for a, b in zip(kv_rows(batched, batched.position), kv_rows(stepped, stepped.position)):
+            np.testing.assert_array_equal(a, b)
+
+
+@needs_kernels
+def test_native_prefill_over_split_attention(workdir):
+    """Past 32 positions per range a token's attention is split over work items; prefill splits each token as its
+    decode step does, so a long prompt still equals its steps exactly."""
+    bundle = export_checkpoint(checkpoint(workdir, ("llama", "dense")), workdir / "long-prefill", flavour="ort",
+                               max_context=LONG_CONTEXT, quant=QuantSpec("int4"), quality_tokens=16)
+    prompt = np.random.default_rng(1).integers(3, 120, size=LONG_CONTEXT - 10)
+    batched, stepped = (load_backend(bundle, kernels="native", threads=4) for _ in range(2))
+    got = batched.prefill(prompt)
+    stepped.prefill(prompt[:1])
+    for token in prompt[1:]:
+        expected = stepped.decode(int(token))
+    np.testing.assert_array_equal(got, expected)
+    with pytest.raises(GenerationError, match="exceed the bundle's max context"):
+        batched.prefill(prompt[:20])
+    batched.reset()
+    with pytest.raises(GenerationError, match="native prefill refused"):
+        batched.native.prefill(np.array([1, 10**6]), 0, np.zeros((1, batched.vocab_size), np.float32))
 
 
 @needs_kernels

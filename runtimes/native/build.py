@@ -83,6 +83,11 @@ def _build_and_load() -> ctypes.CDLL:
         library.ec_state_free.argtypes = [ctypes.c_void_p]
         library.ec_decode.restype = ctypes.c_int
         library.ec_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        library.ec_prefill.restype = ctypes.c_int
+        library.ec_prefill.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                       ctypes.c_void_p]
+        library.ec_can_prefill.restype = ctypes.c_int
+        library.ec_can_prefill.argtypes = [ctypes.c_void_p]
         library.ec_vectorised.restype = ctypes.c_int
         library.ec_vectorised.argtypes = []
         return library

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import mmap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,6 +28,7 @@ MAX_BLOCK = 1024  # kernels.c quantize()'s scratch
 ACTIVATIONS = {"silu": 0, "fatrelu": 1}
 
 
+TABLE = "embed_tokens"
 ROW_GROUP, WORD_BYTES = 8, 4  # the kernels' interleaved layout (kernels.c, groups_avx2)
 SCALES_FP32, SCALES_FP16, SCALES_PER_ROW = 0, 1, 2  # kernels.c's EC_SCALES_*
 
@@ -55,9 +57,12 @@ class Model(ctypes.Structure):
 class _Weights:
     """Tensors of the data file by name, as read-only views of one memory map."""
 
-    def __init__(self, data_file: Path, index: dict):
-        self.data = np.memmap(data_file, dtype=np.uint8, mode="r")
+    def __init__(self, data_file: Path, index: dict, vectorised: bool):
+        with open(data_file, "rb") as handle:
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        self.data = np.frombuffer(self._map, dtype=np.uint8)
         self.index = index
+        self.vectorised = vectorised  # the kernels read quantized linears only from their interleaved copies
         self.keep: list[np.ndarray] = []  # arrays made here (transposes, casts) that C points into
         self.streamed_bytes = 0  # what one decode step reads of the linears' weights
 
@@ -118,7 +123,8 @@ class _Weights:
             zero_terms = terms.ctypes.data
         packed, scale_format = self._interleaved(self.array(codes), scales)
         self.streamed_bytes += packed.nbytes if packed is not None else self.array(codes).nbytes + scales.nbytes
-        return Linear(codes=self.pointer(codes), scales=self.pointer(f"{name}.scales", np.float32),
+        stored_layout = packed is None or not self.vectorised or name == TABLE  # the table's rows are read as stored
+        return Linear(codes=self.pointer(codes), scales=self.pointer(f"{name}.scales", np.float32) if stored_layout else 0,
                       packed=0 if packed is None else packed.ctypes.data, scale_format=scale_format,
                       zero_points=self.pointer(f"{name}.qzeros") if f"{name}.qzeros" in self else 0,
                       zero_terms=zero_terms, offsets=offsets,
@@ -159,6 +165,11 @@ class _Weights:
         into_words[...] = codes.reshape(groups, ROW_GROUP, blocks, word_count, WORD_BYTES).transpose(0, 2, 3, 1, 4)
         self.keep.append(packed)
         return packed, scale_format
+
+    def release_pages(self) -> None:
+        """Drops the map's resident pages once the interleaved copies are made (the file stays mapped: the few
+        rows read later, e.g. of the embedding table, fault back in)."""
+        self._map.madvise(mmap.MADV_DONTNEED)
 
     def every_tensor(self) -> dict[str, np.ndarray]:
         return {name: self.array(name) for name in self.index}
@@ -206,12 +217,14 @@ DECODER_FAMILY: dict[str, Callable] = {"llama": _layers, "minicpm": _layers}
 
 
 class NativeDecoder:
-    """decode(token, position, logits) writes the logits [1, V] of one new token and its K/V rows.
-    `streamed_bytes`: the weight bytes one step reads (for rooflines)."""
+    """decode(token, position, logits) writes the logits [1, V] of one new token and its K/V rows; where
+    `prefills` (every linear quantized), prefill(tokens, position, logits) does the same for a prompt, reading
+    the weights once per 16 tokens. `streamed_bytes`: the weight bytes one decode step reads (for rooflines)."""
 
     def __init__(self, library: ctypes.CDLL, model: Model, weights: _Weights, keep: list):
         self._library, self._model, self._weights, self._keep = library, model, weights, keep
         self.streamed_bytes = weights.streamed_bytes
+        self.prefills = bool(library.ec_can_prefill(ctypes.byref(model)))
         self._state = library.ec_state_new(ctypes.byref(model))  # buffers for every step, allocated once
         if not self._state:
             raise KernelsUnavailable("could not allocate the decode buffers")
@@ -221,6 +234,13 @@ class NativeDecoder:
                                          logits.ctypes.data)
         if status:
             raise GenerationError(f"native decode refused token {token} at position {position} (status {status})")
+
+    def prefill(self, tokens: np.ndarray, position: int, logits: np.ndarray) -> None:
+        ids = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
+        status = self._library.ec_prefill(ctypes.byref(self._model), self._state, ids.ctypes.data, len(ids),
+                                          int(position), logits.ctypes.data)
+        if status:
+            raise GenerationError(f"native prefill refused {len(ids)} tokens at position {position} (status {status})")
 
     def in_place_tensors(self) -> dict[str, np.ndarray]:
         """Every tensor of the bundle as a view of the memory map, when the kernels compute on them as stored
@@ -253,16 +273,15 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[
     if only_if_faster:
         _check_faster(manifest, library)
     arch = manifest.architecture
-    weights = _Weights(bundle_dir / manifest.extra["data_files"][0], manifest.extra["tensors"])
+    weights = _Weights(bundle_dir / manifest.extra["data_files"][0], manifest.extra["tensors"], bool(library.ec_vectorised()))
     if float_activations := weights.quantized_with_float_activations():
         raise KernelsUnavailable(f"{float_activations[0]} computes with float activations (accuracy level 0)")
     h, vocab, tied = arch["hidden_size"], arch["vocab_size"], arch["tie_word_embeddings"]
     layers = DECODER_FAMILY[arch["architecture"]](weights, arch, kv_pointers())
-    if "embed_tokens.block_offsets" in weights:
+    if f"{TABLE}.block_offsets" in weights:
         raise KernelsUnavailable("an embedding table with float zero points")
     before_table = weights.streamed_bytes
-    table = weights.linear("embed_tokens", h, vocab, dense_nk=True) if "embed_tokens" in weights else \
-        weights.linear("embed_tokens", h, vocab)
+    table = weights.linear(TABLE, h, vocab, dense_nk=True) if TABLE in weights else weights.linear(TABLE, h, vocab)
     if "lm_head" in weights or "lm_head.qweight" in weights:
         weights.streamed_bytes = before_table  # a step reads one row of a table that is not the head
         head = weights.linear("lm_head", h, vocab)
@@ -278,4 +297,6 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[
         rope_cos=weights.pointer("rope_cos", np.float32), rope_sin=weights.pointer("rope_sin", np.float32),
         table=table, head=head, final_norm=weights.pointer("final_norm", np.float32),
         layer=ctypes.cast(layers, ctypes.POINTER(Layer)))
+    if weights.keep:
+        weights.release_pages()
     return NativeDecoder(library, model, weights, [layers])

@@ -39,6 +39,8 @@ static inline float hsum(__m256 v) {
 #define EC_SCALES_FP16 1
 #define EC_SCALES_PER_ROW 2
 #define EC_PREFETCH_BLOCKS 64 /* how far ahead each group's stream is prefetched (8-16 KiB measured best) */
+#define EC_TILE 16 /* prompt tokens per pass over the weights (ec_prefill) */
+#define EC_TOKENS 4 /* tokens one kernel call computes per row group (accumulators kept in registers) */
 
 typedef struct {
     /* block-quantized [n, k]: codes [n, blocks, block*bits/8] low bits first, scales [n, blocks] */
@@ -291,6 +293,76 @@ static ec_rows_kernel rows_kernel(const ec_linear *w) {
     return kernels[w->scale_format][w->bits == 2 ? 0 : w->bits == 4 ? 1 : 2];
 }
 
+/* Up to EC_TOKENS tokens against one group of 8 rows: each 32-byte load of codes is used for every token (the
+ * same arithmetic as groups_avx2, so a prompt token's rows equal a decode step's bit for bit). */
+static inline __attribute__((always_inline)) void group_tokens_avx2(const int bits, const int tokens, const int scale_format,
+                                                                    const ec_linear *w, int group, const ec_act *acts,
+                                                                    float *out, int stride, int count) {
+    const int blocks = (w->k + w->block - 1) / w->block, words = bytes_per_block(w) / EC_WORD, per = 8 / bits;
+    const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1, header = scale_header_bytes(scale_format, blocks);
+    const size_t group_bytes = header + (size_t)blocks * words * 32;
+    const uint8_t *scales = w->packed + group * group_bytes, *codes = scales + header;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const size_t ahead = (size_t)EC_PREFETCH_BLOCKS * words * 32;
+    __m256 acc[EC_TOKENS];
+    for (int t = 0; t < tokens; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        for (int line = 0; line < words * 32; line += 64) _mm_prefetch((const char *)(codes + ahead + line), _MM_HINT_T0);
+        __m256i dot[EC_TOKENS];
+        for (int t = 0; t < tokens; t++) dot[t] = _mm256_setzero_si256();
+        for (int start = 0; start < words; start += widen_every) {
+            const int stop = start + widen_every < words ? start + widen_every : words;
+            __m256i sums[EC_TOKENS];
+            for (int t = 0; t < tokens; t++) sums[t] = _mm256_setzero_si256();
+            for (int word = start; word < stop; word++, codes += 32) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)codes);
+                for (int t = 0; t < tokens; t++) {
+                    const int8_t *q = acts[t].q + b * w->block + word * EC_WORD * per;
+                    __m256i x[4];
+                    for (int p = 0; p < per; p++) x[p] = broadcast_word(q + EC_WORD * p);
+                    sums[t] = _mm256_add_epi16(sums[t], word_dot(bits, raw, x));
+                }
+            }
+            for (int t = 0; t < tokens; t++) dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(sums[t], ones));
+        }
+        __m256 row_scale = _mm256_set1_ps(1.f);
+        if (scale_format == EC_SCALES_FP16) row_scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scales + b));
+        if (scale_format == EC_SCALES_FP32) row_scale = _mm256_loadu_ps((const float *)scales + 8 * b);
+        for (int t = 0; t < tokens; t++) {
+            const __m256 dot_f = _mm256_cvtepi32_ps(_mm256_add_epi32(dot[t], _mm256_set1_epi32(acts[t].correction[b])));
+            acc[t] = _mm256_fmadd_ps(dot_f, _mm256_mul_ps(row_scale, _mm256_set1_ps(acts[t].scale[b])), acc[t]);
+        }
+    }
+    for (int t = 0; t < tokens; t++) {
+        float rows[8];
+        if (scale_format == EC_SCALES_PER_ROW) acc[t] = _mm256_mul_ps(acc[t], _mm256_loadu_ps((const float *)scales));
+        _mm256_storeu_ps(rows, acc[t]);
+        for (int r = 0; r < count; r++) out[(size_t)t * stride + r] = rows[r];
+    }
+}
+
+#define EC_TOKEN_KERNELS(bits, format)                                                                                    \
+    static void tokens_##bits##_##format(const ec_linear *w, int group, const ec_act *acts, int tokens, float *out,       \
+                                         int stride, int count) {                                                         \
+        switch (tokens) {                                                                                                 \
+        case 1: group_tokens_avx2(bits, 1, format, w, group, acts, out, stride, count); break;                           \
+        case 2: group_tokens_avx2(bits, 2, format, w, group, acts, out, stride, count); break;                           \
+        case 3: group_tokens_avx2(bits, 3, format, w, group, acts, out, stride, count); break;                           \
+        default: group_tokens_avx2(bits, 4, format, w, group, acts, out, stride, count); break;                          \
+        }                                                                                                                 \
+    }
+#define EC_TOKEN_KERNELS_ALL_BITS(format) EC_TOKEN_KERNELS(2, format) EC_TOKEN_KERNELS(4, format) EC_TOKEN_KERNELS(8, format)
+EC_TOKEN_KERNELS_ALL_BITS(0)
+EC_TOKEN_KERNELS_ALL_BITS(1)
+EC_TOKEN_KERNELS_ALL_BITS(2)
+
+typedef void (*ec_tokens_kernel)(const ec_linear *, int, const ec_act *, int, float *, int, int);
+static ec_tokens_kernel tokens_kernel(const ec_linear *w) {
+    static const ec_tokens_kernel kernels[3][3] = {{tokens_2_0, tokens_4_0, tokens_8_0}, {tokens_2_1, tokens_4_1, tokens_8_1},
+                                                   {tokens_2_2, tokens_4_2, tokens_8_2}};
+    return kernels[w->scale_format][w->bits == 2 ? 0 : w->bits == 4 ? 1 : 2];
+}
+
 static int avx2_covers(const ec_linear *w, int row) {
     return w->packed && row % 8 == 0 && bytes_per_block(w) % EC_WORD == 0;
 }
@@ -343,6 +415,26 @@ static void quantized_rows(const ec_linear *w, int row, int count, const ec_act 
     }
 }
 
+/* Rows [row, row + count) for `tokens` tokens (activations acts[t], outputs out + t * stride): each row group's
+ * codes are read from memory once for all of them, then from cache. */
+static void quantized_rows_tokens(const ec_linear *w, int row, int count, const ec_act *acts, int tokens, float *out,
+                                  int stride) {
+#ifdef EC_AVX2
+    if (avx2_covers(w, row)) {
+        const ec_tokens_kernel kernel = tokens_kernel(w);
+        for (int r = 0; r < count; r += 8)
+            for (int t = 0; t < tokens; t += EC_TOKENS)
+                kernel(w, (row + r) / 8, acts + t, tokens - t < EC_TOKENS ? tokens - t : EC_TOKENS, out + (size_t)t * stride + r,
+                       stride, count - r < 8 ? count - r : 8);
+        if (w->zero_terms || w->offsets)
+            for (int t = 0; t < tokens; t++)
+                for (int r = 0; r < count; r++) out[(size_t)t * stride + r] += zero_point_term(w, row + r, &acts[t]);
+        return;
+    }
+#endif
+    for (int t = 0; t < tokens; t++) quantized_rows(w, row, count, &acts[t], out + (size_t)t * stride);
+}
+
 /* float [n, k] rows (Gemm transB, the embedding table as a tied head): one dot product per row */
 static void dense_rows(const ec_linear *w, int row, int count, const float *x, float *out) {
     for (int r = 0; r < count; r++) {
@@ -389,7 +481,7 @@ static void dense_kn_rows(const ec_linear *w, int i, int end, const float *x, fl
 
 typedef struct {
     float *gathered; /* input_order scratch */
-    ec_act act;
+    ec_act act[EC_TILE]; /* per token of a prefill pass; a decode step uses the first */
     float *partial;            /* this thread's sums of a float [k, n] linear (dense_kn_rows) */
     float *const *partials;    /* every thread's, by thread number */
 } ec_scratch;
@@ -402,7 +494,7 @@ static int row_chunk(int n, int threads);
  * linear_rows then adds. */
 static void prepare_input(const ec_linear *w, const float *x, ec_scratch *s) {
     if (!w->dense) {
-        quantize(w, x, s->gathered, &s->act);
+        quantize(w, x, s->gathered, &s->act[0]);
         return;
     }
     if (w->dense_nk) return;
@@ -415,7 +507,7 @@ static void prepare_input(const ec_linear *w, const float *x, ec_scratch *s) {
 
 static void linear_rows(const ec_linear *w, int row, int count, const float *x, const ec_scratch *s, float *out) {
     if (!w->dense) {
-        quantized_rows(w, row, count, &s->act, out);
+        quantized_rows(w, row, count, &s->act[0], out);
     } else if (w->dense_nk) {
         dense_rows(w, row, count, x, out);
     } else {
@@ -442,6 +534,21 @@ static void linear_team(const ec_linear *w, const float *x, const ec_scratch *s,
     for (int c = 0; c < chunks; c++) {
         const int row = c * chunk, count = w->n - row < chunk ? w->n - row : chunk;
         linear_rows(w, row, count, x, s, out + row);
+    }
+}
+
+/* Prefill: each thread quantizes every token's input for itself, then the team splits the rows (quantized weights
+ * only, see ec_can_prefill). */
+static void quantize_tokens(const ec_linear *w, const float *x, size_t stride, int tokens, ec_scratch *s) {
+    for (int t = 0; t < tokens; t++) quantize(w, x + t * stride, s->gathered, &s->act[t]);
+}
+
+static void linear_team_tokens(const ec_linear *w, const ec_scratch *s, int tokens, int threads, float *out, int stride) {
+    const int chunk = row_chunk(w->n, threads), chunks = (w->n + chunk - 1) / chunk;
+#pragma omp for schedule(dynamic, 1)
+    for (int c = 0; c < chunks; c++) {
+        const int row = c * chunk, count = w->n - row < chunk ? w->n - row : chunk;
+        quantized_rows_tokens(w, row, count, s->act, tokens, out + row, stride);
     }
 }
 
@@ -605,7 +712,6 @@ typedef struct {
     float *values; /* [splits, heads, head_dim] */
     float *top;    /* [splits, heads] */
     float *total;  /* [splits, heads] */
-    float *scores; /* [heads, max_context] */
 } ec_attention;
 
 #define EC_MAX_SPLITS 64
@@ -617,11 +723,19 @@ static int attention_splits(const ec_model *m, int position) {
     return splits < 1 ? 1 : splits;
 }
 
+/* One token's slots of the attention buffers, which hold EC_TILE tokens' (ec_prefill). */
+static ec_attention token_attention(const ec_model *m, const ec_attention *at, int t) {
+    const size_t slots = (size_t)t * EC_MAX_SPLITS * m->heads;
+    return (ec_attention){at->values + slots * m->head_dim, at->top + slots, at->total + slots};
+}
+
+/* `scores`: the calling thread's scratch of max_context floats. `store`: write the token's key and value first
+ * (decode; a prefill pass stores all of its tokens' before any attends). */
 static void attend_range(const ec_model *m, const ec_layer *l, int g, int split, int splits, int position,
-                         const float *qkv, const ec_attention *at) {
+                         const float *qkv, const ec_attention *at, float *scores, int store) {
     const int d = m->head_dim, group = m->heads / m->kv_heads, length = position + 1;
     const int begin = (int)((long)length * split / splits), end = (int)((long)length * (split + 1) / splits);
-    if (end == length) store_kv(m, l, g, position, qkv);
+    if (store && end == length) store_kv(m, l, g, position, qkv);
     const float *cos = m->rope_cos + (size_t)position * (m->rotary_dim / 2);
     const float *sin = m->rope_sin + (size_t)position * (m->rotary_dim / 2);
     const float *keys = l->k_cache + ((size_t)g * m->max_context + begin) * d;
@@ -630,7 +744,7 @@ static void attend_range(const ec_model *m, const ec_layer *l, int g, int split,
         float q[512];
         memcpy(q, qkv + head * d, sizeof(float) * d);
         rotate(q, cos, sin, m->rotary_dim);
-        float *scores = at->scores + (size_t)head * m->max_context + begin, top = -INFINITY;
+        float top = -INFINITY;
         key_scores(q, keys, end - begin, d, m->attention_scale, scores);
         for (int t = 0; t < end - begin; t++) top = scores[t] > top ? scores[t] : top;
         const size_t slot = (size_t)split * m->heads + head;
@@ -672,7 +786,8 @@ static size_t widest_input(const ec_model *m) {
 
 /* Buffers of one decoder, allocated once (ec_state_new): shared between threads, then one scratch per thread. */
 typedef struct {
-    float *residual, *normed;
+    float *residual, *normed; /* [EC_TILE, hidden], [EC_TILE, widest_input] */
+    float *scores;            /* [max_context] */
     ec_scratch s;
 } ec_thread;
 
@@ -687,46 +802,53 @@ typedef struct {
 void ec_state_free(ec_state *st) {
     if (!st) return;
     for (int t = 0; st->thread && t < st->threads; t++) {
-        free(st->thread[t].residual); free(st->thread[t].normed); free(st->thread[t].s.gathered);
-        free(st->thread[t].s.act.q); free(st->thread[t].s.act.scale); free(st->thread[t].s.act.sum);
-        free(st->thread[t].s.act.exact); free(st->thread[t].s.act.correction); free(st->thread[t].s.partial);
+        ec_thread *own = &st->thread[t];
+        free(own->residual); free(own->normed); free(own->scores); free(own->s.gathered); free(own->s.partial);
+        for (int i = 0; i < EC_TILE; i++) {
+            free(own->s.act[i].q); free(own->s.act[i].scale); free(own->s.act[i].sum); free(own->s.act[i].exact);
+            free(own->s.act[i].correction);
+        }
     }
     free(st->partials); free(st->thread); free(st->qkv); free(st->branch); free(st->gated);
-    free(st->attention.values); free(st->attention.top); free(st->attention.total); free(st->attention.scores);
+    free(st->attention.values); free(st->attention.top); free(st->attention.total);
     free(st);
 }
 
 ec_state *ec_state_new(const ec_model *m) {
     const size_t wide = widest_input(m), blocks = wide / 16 + 1; /* blocks hold at least 16 values */
+    const size_t slots = (size_t)EC_TILE * EC_MAX_SPLITS * m->heads;
     ec_state *st = calloc(1, sizeof(ec_state));
     if (!st) return NULL;
     st->threads = m->threads;
-    st->qkv = malloc(sizeof(float) * (size_t)(m->heads + 2 * m->kv_heads) * m->head_dim);
-    st->attention.values = malloc(sizeof(float) * EC_MAX_SPLITS * m->heads * m->head_dim);
-    st->attention.top = malloc(sizeof(float) * EC_MAX_SPLITS * m->heads);
-    st->attention.total = malloc(sizeof(float) * EC_MAX_SPLITS * m->heads);
-    st->attention.scores = malloc(sizeof(float) * (size_t)m->heads * m->max_context);
-    st->branch = malloc(sizeof(float) * m->hidden);
-    st->gated = malloc(sizeof(float) * 2 * wide); /* gate and up */
+    st->qkv = malloc(sizeof(float) * EC_TILE * (m->heads + 2 * m->kv_heads) * m->head_dim);
+    st->attention.values = malloc(sizeof(float) * slots * m->head_dim);
+    st->attention.top = malloc(sizeof(float) * slots);
+    st->attention.total = malloc(sizeof(float) * slots);
+    st->branch = malloc(sizeof(float) * EC_TILE * m->hidden);
+    st->gated = malloc(sizeof(float) * EC_TILE * 2 * wide); /* gate and up */
     st->thread = calloc((size_t)m->threads, sizeof(*st->thread));
     st->partials = calloc((size_t)m->threads, sizeof(float *));
     const size_t widest_output = (size_t)m->vocab > 2 * wide ? (size_t)m->vocab : 2 * wide;
-    int ok = st->partials && st->qkv && st->attention.values && st->attention.top && st->attention.total && st->attention.scores &&
-             st->branch && st->gated && st->thread;
+    int ok = st->partials && st->qkv && st->attention.values && st->attention.top && st->attention.total && st->branch &&
+             st->gated && st->thread;
     for (int t = 0; ok && t < m->threads; t++) {
         ec_thread *own = &st->thread[t];
-        own->residual = malloc(sizeof(float) * m->hidden);
-        own->normed = malloc(sizeof(float) * wide);
+        own->residual = malloc(sizeof(float) * EC_TILE * m->hidden);
+        own->normed = malloc(sizeof(float) * EC_TILE * wide);
+        own->scores = malloc(sizeof(float) * m->max_context);
         own->s.gathered = malloc(sizeof(float) * wide);
-        own->s.act.q = malloc(wide);
-        own->s.act.scale = malloc(sizeof(float) * blocks);
-        own->s.act.sum = malloc(sizeof(float) * blocks);
-        own->s.act.exact = malloc(sizeof(float) * blocks);
-        own->s.act.correction = malloc(sizeof(int32_t) * blocks);
         own->s.partial = st->partials[t] = malloc(sizeof(float) * widest_output);
         own->s.partials = st->partials;
-        ok = own->s.partial && own->residual && own->normed && own->s.gathered && own->s.act.q && own->s.act.scale && own->s.act.sum &&
-             own->s.act.exact && own->s.act.correction;
+        ok = own->residual && own->normed && own->scores && own->s.gathered && own->s.partial;
+        for (int i = 0; ok && i < EC_TILE; i++) {
+            ec_act *a = &own->s.act[i];
+            a->q = malloc(wide);
+            a->scale = malloc(sizeof(float) * blocks);
+            a->sum = malloc(sizeof(float) * blocks);
+            a->exact = malloc(sizeof(float) * blocks);
+            a->correction = malloc(sizeof(int32_t) * blocks);
+            ok = a->q && a->scale && a->sum && a->exact && a->correction;
+        }
     }
     if (!ok) {
         ec_state_free(st);
@@ -765,7 +887,7 @@ int ec_decode(const ec_model *m, ec_state *st, int token, int position, float *l
                 const int splits = attention_splits(m, position);
 #pragma omp for schedule(dynamic, 1)
                 for (int item = 0; item < m->kv_heads * splits; item++)
-                    attend_range(m, l, item / splits, item % splits, splits, position, st->qkv, at);
+                    attend_range(m, l, item / splits, item % splits, splits, position, st->qkv, at, own->scores, 1);
                 combine_attention(m, at, splits, h); /* every thread, into its own buffer: no barrier */
             }
             prepare_input(&l->o, h, s);
@@ -791,6 +913,94 @@ int ec_decode(const ec_model *m, ec_state *st, int token, int position, float *l
         rms_norm(x, m->final_norm, H, m->eps, h);
         prepare_input(&m->head, h, s);
         linear_team(&m->head, h, s, st->threads, logits);
+    }
+    return 0;
+}
+
+/* 1 when ec_prefill can run the bundle: every linear of the layers and the head block-quantized (float linears
+ * are read k-split per token, which a pass over several tokens does not do). */
+int ec_can_prefill(const ec_model *m) {
+    if (m->head.dense) return 0;
+    for (int li = 0; li < m->layers; li++) {
+        const ec_layer *l = &m->layer[li];
+        if (l->qkv.dense || l->o.dense || l->gate_up.dense || l->down.dense) return 0;
+    }
+    return 1;
+}
+
+/* `count` prompt tokens at positions [position, position + count): their keys and values into the cache and the
+ * logits of the last one. Passes of up to EC_TILE tokens, each reading every weight once (a decode step reads
+ * them once per token); within a pass the tokens attend causally: all keys and values are stored first. */
+int ec_prefill(const ec_model *m, ec_state *st, const int32_t *tokens, int count, int position, float *logits) {
+    if (count < 1 || position < 0 || position + count > m->max_context) return 1;
+    for (int i = 0; i < count; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->vocab) return 2;
+    if (!ec_can_prefill(m)) return 3;
+    const int H = m->hidden, I = m->intermediate, Q = (m->heads + 2 * m->kv_heads) * m->head_dim;
+    const size_t wide = widest_input(m);
+    for (int start = 0; start < count; start += EC_TILE) {
+        const int n = count - start < EC_TILE ? count - start : EC_TILE, first = position + start;
+#pragma omp parallel num_threads(st->threads)
+        {
+            ec_thread *own = &st->thread[omp_get_thread_num()];
+            float *x = own->residual, *h = own->normed;
+            ec_scratch *s = &own->s;
+            for (int t = 0; t < n; t++) embed(m, tokens[start + t], x + (size_t)t * H);
+            for (int li = 0; li < m->layers; li++) {
+                const ec_layer *l = &m->layer[li];
+                for (int t = 0; t < n; t++) rms_norm(x + (size_t)t * H, l->input_norm, H, m->eps, h + t * wide);
+                quantize_tokens(&l->qkv, h, wide, n, s);
+                linear_team_tokens(&l->qkv, s, n, st->threads, st->qkv, Q);
+#pragma omp for schedule(static)
+                for (int item = 0; item < n * m->kv_heads; item++)
+                    store_kv(m, l, item % m->kv_heads, first + item / m->kv_heads, st->qkv + (size_t)(item / m->kv_heads) * Q);
+                /* each token split as its decode step would be, so a prompt leaves the cache and logits that
+                 * decoding it token by token does, bit for bit */
+                int items = 0;
+                for (int t = 0; t < n; t++) items += m->kv_heads * attention_splits(m, first + t);
+#pragma omp for schedule(dynamic, 1)
+                for (int item = 0; item < items; item++) {
+                    int t = 0, rest = item;
+                    while (rest >= m->kv_heads * attention_splits(m, first + t)) rest -= m->kv_heads * attention_splits(m, first + t++);
+                    const int splits = attention_splits(m, first + t);
+                    const ec_attention at = token_attention(m, &st->attention, t);
+                    attend_range(m, l, rest / splits, rest % splits, splits, first + t, st->qkv + (size_t)t * Q, &at,
+                                 own->scores, 0);
+                }
+                for (int t = 0; t < n; t++) {
+                    const ec_attention at = token_attention(m, &st->attention, t);
+                    combine_attention(m, &at, attention_splits(m, first + t), h + t * wide);
+                }
+                quantize_tokens(&l->o, h, wide, n, s);
+                linear_team_tokens(&l->o, s, n, st->threads, st->branch, H);
+                for (int t = 0; t < n; t++) {
+                    float *xt = x + (size_t)t * H;
+                    for (int i = 0; i < H; i++) xt[i] += st->branch[(size_t)t * H + i];
+                    rms_norm(xt, l->post_norm, H, m->eps, h + t * wide);
+                }
+                quantize_tokens(&l->gate_up, h, wide, n, s);
+                {
+                    const int chunk = row_chunk(I, st->threads), chunks = (I + chunk - 1) / chunk;
+#pragma omp for schedule(dynamic, 1)
+                    for (int c = 0; c < chunks; c++) {
+                        const int row = c * chunk, rows = I - row < chunk ? I - row : chunk;
+                        quantized_rows_tokens(&l->gate_up, row, rows, s->act, n, st->gated + row, 2 * I);
+                        quantized_rows_tokens(&l->gate_up, I + row, rows, s->act, n, st->gated + I + row, 2 * I);
+                        for (int t = 0; t < n; t++)
+                            gated_activation(m, st->gated + (size_t)t * 2 * I + row, st->gated + (size_t)t * 2 * I + I + row, rows);
+                    }
+                }
+                quantize_tokens(&l->down, st->gated, 2 * (size_t)I, n, s);
+                linear_team_tokens(&l->down, s, n, st->threads, st->branch, H);
+                for (int t = 0; t < n; t++)
+                    for (int i = 0; i < H; i++) x[(size_t)t * H + i] += st->branch[(size_t)t * H + i];
+            }
+            if (start + n == count) {
+                rms_norm(x + (size_t)(n - 1) * H, m->final_norm, H, m->eps, h);
+                prepare_input(&m->head, h, s);
+                linear_team(&m->head, h, s, st->threads, logits);
+            }
+        }
     }
     return 0;
 }

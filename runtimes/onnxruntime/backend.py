@@ -138,11 +138,12 @@ KERNELS = ("auto", "native", "onnxruntime")
 class OnnxRuntimeBackend:
     """The `edgecpm.backend.Backend` protocol over one exported bundle.
 
-    `kernels`: who runs decode steps. "native" runs edgecpm's own decode kernels (edgecpm.runtimes.native) and
-    fails where they do not implement the bundle; "onnxruntime" runs the graph; "auto" (default) uses the
-    kernels where they implement the bundle and decode faster (quantized bundles on CPUs with their
-    vectorised path, docs/BENCHMARKS.md) and the graph elsewhere (`native_unavailable` says why). Prefill
-    always runs the graph.
+    `kernels`: who runs the steps. "native" runs edgecpm's own kernels (edgecpm.runtimes.native) and fails where
+    they do not implement the bundle; "onnxruntime" runs the graph; "auto" (default) uses the kernels where they
+    implement the bundle and are faster (quantized bundles on CPUs with their vectorised path,
+    docs/BENCHMARKS.md) and the graph elsewhere (`native_unavailable` says why). Where the kernels also prefill
+    (every linear quantized) no onnxruntime session is opened at all (`session` is None): the process holds the
+    weights once, as the kernels' interleaved copy. Otherwise the graph prefills, over the same KV buffers.
     """
 
     def __init__(self, model_path: Path, manifest: Manifest, *, threads: int | None = None, prepack: bool = True,
@@ -158,8 +159,16 @@ class OnnxRuntimeBackend:
         self.native, self.native_unavailable = None, "not requested"
         if kernels != "onnxruntime":
             self._attach_native(model_path, manifest, threads, required=kernels == "native")
+        self._logits = np.zeros((1, self.vocab_size), np.float32)
+        self._position = 0
+        self._shared_values: dict[str, ort.OrtValue] = {}
+        self.session = None
+        if self.native is None or not self.native.prefills:  # else the kernels run it all: no graph, weights held once
+            self._open_session(model_path, threads, prepack, spin)
+
+    def _open_session(self, model_path: Path, threads: int | None, prepack: bool, spin: bool) -> None:
         # Float weights the kernels read in place are onnxruntime's initializers too, unpacked: the process holds
-        # them once (SmolLM2 fp32: 1113 -> ~650 MB resident) for a ~14% slower prefill (MLAS packs per call).
+        # them once (SmolLM2 fp32: 1113 -> ~600 MB resident) for a ~15% slower prefill (MLAS packs per call).
         shared = self.native.in_place_tensors() if self.native else {}
         options = session_options(threads, prepack=prepack and not shared, spin=spin)
         self._shared_values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in shared.items()}
@@ -168,11 +177,9 @@ class OnnxRuntimeBackend:
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.binding = self.session.io_binding()
         self.cache.bind(self.binding)
-        self._logits = np.zeros((1, self.vocab_size), np.float32)
         self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
         self.binding.bind_ortvalue_output(LOGITS, self._logits_value)
         self._run_options = ort.RunOptions()
-        self._position = 0
 
     def _attach_native(self, model_path: Path, manifest: Manifest, threads: int | None, *, required: bool) -> None:
         from edgecpm.runtimes.native import KernelsUnavailable, native_decoder
@@ -207,7 +214,12 @@ class OnnxRuntimeBackend:
 
     def prefill(self, token_ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(np.asarray(token_ids, dtype=np.int64).reshape(1, -1))
-        return self._step(ids)
+        if self.session is not None:
+            return self._step(ids)
+        self._check_room(ids.shape[1])
+        self.native.prefill(ids, self._position, self._logits)
+        self._position += ids.shape[1]
+        return self._logits[0].copy()
 
     def decode(self, token_id: int) -> np.ndarray:
         if self.native is None:
