@@ -241,3 +241,5 @@ def test_run_kernels_option_chooses_who_decodes(tiny):
     assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
     native, graph = (json.loads(r.stdout) for r in runs)
     assert native["token_ids"] == graph["token_ids"]
+    assert graph["kernels"] == {"prefill": "onnxruntime", "decode": "onnxruntime", "native_unavailable": "not requested"}
+    assert native["kernels"]["decode"] == "native" and native["kernels"]["native_unavailable"] is None

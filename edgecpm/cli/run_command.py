@@ -60,7 +60,9 @@ def run(
     result = print_stream(events, echo=not json_output)
     if json_output:
         summary = result.to_dict()
-        print(json.dumps({name: summary[name] for name in JSON_FIELDS}, ensure_ascii=False))
+        report = {name: summary[name] for name in JSON_FIELDS}
+        report["kernels"] = getattr(engine.backend, "kernels", None)
+        print(json.dumps(report, ensure_ascii=False))
         return
     print()
     print(speed_line(result), file=sys.stderr)

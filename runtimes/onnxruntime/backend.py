@@ -195,6 +195,12 @@ class OnnxRuntimeBackend:
             self.native_unavailable = str(error)
 
     @property
+    def kernels(self) -> dict:
+        """Who runs prefill and decode, and why not the native kernels where they do not."""
+        return {"prefill": "onnxruntime" if self.session is not None else "native",
+                "decode": "onnxruntime" if self.native is None else "native", "native_unavailable": self.native_unavailable}
+
+    @property
     def position(self) -> int:
         return self._position
 
