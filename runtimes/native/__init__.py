@@ -1,7 +1,8 @@
 """Native CPU decode kernels (imported as `edgecpm.runtimes.native`): C + OpenMP, built on first use, torch-free.
 
-The onnxruntime backend hands its decode steps to `native_decoder` when the bundle is one the kernels
-implement; prefill stays on onnxruntime, and both write the same KV buffers.
+The onnxruntime backend hands its decode steps, and for quantized bundles its prefill too (then it opens no
+onnxruntime session), to `native_decoder` when the bundle is one the kernels implement; where onnxruntime
+still prefills (fp32 bundles), both write the same KV buffers.
 """
 
 from edgecpm.runtimes.native.build import KernelsUnavailable, load_library

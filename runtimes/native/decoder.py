@@ -1,10 +1,11 @@
-"""The native decode step over an exported `ort` bundle: weights mapped in place from model.onnx.data.
+"""The native decode step and prefill over an exported `ort` bundle: weights mapped from model.onnx.data.
 
 `native_decoder` checks that the bundle is one the kernels implement exactly (a pre-norm GQA decoder,
 fp32 activations, and for quantized linears the int8-activation compute that the bundle records as
 MatMulNBits' accuracy level 4) and raises KernelsUnavailable with the reason otherwise; the backend then
-keeps decoding with onnxruntime. Weights are found through the manifest's tensor index (written by the
-exporter), never by parsing the graph.
+runs the bundle with onnxruntime. Float weights are read in place; quantized ones from a copy interleaved
+for the vectorised kernels, after which the map's pages are dropped. Weights are found through the
+manifest's tensor index (written by the exporter), never by parsing the graph.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-/* edgecpm native decode step: one whole token of a pre-norm GQA decoder in one OpenMP region.
+/* edgecpm native decode step and prefill: one whole token (ec_decode), or up to EC_TILE prompt tokens
+ * (ec_prefill), of a pre-norm GQA decoder in one OpenMP region.
  *
  * It reads an `ort`-flavour bundle's weights (MatMulNBits / GatherBlockQuantized layouts, fp32 MatMul / Gemm
  * tables; the vectorised path from a copy interleaved by 8 rows, see groups_avx2) and the runtime's KV
- * buffers ([kv_heads, max_context, head_dim] per layer, the layout GroupQueryAttention writes), so prefill
- * can stay on onnxruntime while decode runs here.
+ * buffers ([kv_heads, max_context, head_dim] per layer, the layout GroupQueryAttention writes), so onnxruntime
+ * can run the steps the kernels do not (an fp32 bundle's prefill) over the same cache.
  *
  * Why a kernel of our own: a decode step is ~300 tiny onnxruntime ops, each paying a dispatch and a thread
  * pool round trip; here a layer costs five barriers. Linears quantize their input to int8 per weight block
