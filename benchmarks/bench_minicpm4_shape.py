@@ -1,7 +1,7 @@
 """Decode speed and memory-bandwidth roofline on a MiniCPM4-0.5B-shaped checkpoint (random BitCPM-style weights).
 
     python benchmarks/bench_minicpm4_shape.py [--cache /work/bench_cache] [--schemes int4,ternary] [--runs 3]
-                                              [--kernels auto|native|onnxruntime]
+                                              [--rounds 1] [--kernels auto|native|onnxruntime]
 
 The checkpoint has MiniCPM4-0.5B's shapes (H 1024, L 24, 16/2 heads, I 4096, V 73448, tied, LongRoPE) and
 fake-quantized ternary decoder weights like BitCPM4-0.5B, so `--quant ternary --method lossless` packs it
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/work/bench_cache"))
     parser.add_argument("--schemes", default="int4,ternary")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="the schemes in turn, this many times (this VM is noisy)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kernels", default=None, help="who decodes: auto (default), native or onnxruntime")
@@ -90,7 +91,7 @@ def main() -> None:
     bandwidth = read_bandwidth(1.0, args.threads, 5)
     prompt = (np.arange(100) * 37 + 11) % 1000 + 100
     rows = []
-    for scheme in args.schemes.split(","):
+    for scheme in args.schemes.split(",") * args.rounds:
         bundle = args.cache / f"edgecpm-minicpm4-0.5b-{scheme}"
         if not (bundle / "edgecpm.json").is_file():
             export_checkpoint(checkpoint, bundle, max_context=1024, overwrite=bundle.exists(),
@@ -113,9 +114,11 @@ def main() -> None:
         print(f"| {row['scheme']} | {row['kernels']} | {row['weight_bytes'] / 1e6:.1f} | "
               f"{row['prefill_tokens_per_second']:.1f} | {row['decode_tokens_per_second']:.1f} | "
               f"{100 * row['roofline_fraction']:.0f}% |")
-    if len(rows) == 2:
-        print(f"\n{rows[1]['scheme']} / {rows[0]['scheme']} decode: "
-              f"{rows[1]['decode_tokens_per_second'] / rows[0]['decode_tokens_per_second']:.2f}x")
+    per_round = len(args.schemes.split(","))
+    for start in range(0, len(rows), per_round) if per_round == 2 else ():
+        first, second = rows[start: start + 2]
+        print(f"{second['scheme']} / {first['scheme']} decode: "
+              f"{second['decode_tokens_per_second'] / first['decode_tokens_per_second']:.2f}x")
 
 
 if __name__ == "__main__":

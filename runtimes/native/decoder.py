@@ -170,7 +170,8 @@ class _Weights:
     def release_pages(self) -> None:
         """Drops the map's resident pages once the interleaved copies are made (the file stays mapped: the few
         rows read later, e.g. of the embedding table, fault back in)."""
-        self._map.madvise(mmap.MADV_DONTNEED)
+        if hasattr(mmap, "MADV_DONTNEED"):  # not on every OS; there the pages merely stay until evicted
+            self._map.madvise(mmap.MADV_DONTNEED)
 
     def every_tensor(self) -> dict[str, np.ndarray]:
         return {name: self.array(name) for name in self.index}
