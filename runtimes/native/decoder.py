@@ -123,6 +123,8 @@ class _Weights:
             self.keep.append(terms)
             zero_terms = terms.ctypes.data
         packed, scale_format = self._interleaved(self.array(codes), scales)
+        if packed is not None and name != TABLE:
+            self.release_pages(codes)  # read once: dropping them as we go bounds the peak at one copy plus a tensor
         self.streamed_bytes += packed.nbytes if packed is not None else self.array(codes).nbytes + scales.nbytes
         stored_layout = packed is None or not self.vectorised or name == TABLE  # the table's rows are read as stored
         return Linear(codes=self.pointer(codes), scales=self.pointer(f"{name}.scales", np.float32) if stored_layout else 0,
@@ -167,11 +169,20 @@ class _Weights:
         self.keep.append(packed)
         return packed, scale_format
 
-    def release_pages(self) -> None:
-        """Drops the map's resident pages once the interleaved copies are made (the file stays mapped: the few
-        rows read later, e.g. of the embedding table, fault back in)."""
-        if hasattr(mmap, "MADV_DONTNEED"):  # not on every OS; there the pages merely stay until evicted
+    def release_pages(self, name: str | None = None) -> None:
+        """Drops the resident pages of tensor `name` (whole pages inside it), or of the whole map, once the kernels'
+        copies are made; the file stays mapped, so whatever is read later (the embedding table's rows) faults
+        back in."""
+        if not hasattr(mmap, "MADV_DONTNEED"):  # not on every OS; there the pages merely stay until evicted
+            return
+        if name is None:
             self._map.madvise(mmap.MADV_DONTNEED)
+            return
+        entry = self.index[name]
+        start = -(-entry["offset"] // mmap.PAGESIZE) * mmap.PAGESIZE
+        stop = (entry["offset"] + entry["length"]) // mmap.PAGESIZE * mmap.PAGESIZE
+        if stop > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
     def every_tensor(self) -> dict[str, np.ndarray]:
         return {name: self.array(name) for name in self.index}
