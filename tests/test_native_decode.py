@@ -134,15 +134,7 @@ def kv_rows(backend, position: int) -> list[np.ndarray]:
     return [np.array(value.numpy()[:, :, :position]) for value in backend.cache.values]
 
 
-@needs_kernels
-@pytest.mark.parametrize("key, scheme", PREFILL_CASES, ids=["-".join(k) + f"-{s}" for k, s in PREFILL_CASES])
-@pytest.mark.parametrize("threads", [2, 3])
-def test_native_prefill_is_its_decode_steps_batched(workdir, key, scheme, threads):
-    """Prompts of 1 to 3 passes of 16 tokens, at position 0 and after a turn: the kernels' prefill leaves the
-    logits and KV rows that decoding the same tokens one by one leaves, bit for bit (each pass reads the weights
-    once; per token the arithmetic is a decode step's); and against onnxruntime's graph prefill, the int8-
-    activation tolerance and the same next token."""
-    bundle = bundle_of(workdir, key, scheme)
+def assert_prefill_is_steps(bundle: Path, threads: int) -> None:
     batched, stepped = (load_backend(bundle, kernels="native", threads=threads) for _ in range(2))
     graph = load_backend(bundle, kernels="onnxruntime", threads=1)
     assert batched.session is None and batched.native.prefills  # no onnxruntime graph: the weights are held once
@@ -162,6 +154,23 @@ def test_native_prefill_is_its_decode_steps_batched(workdir, key, scheme, thread
             assert int(got.argmax()) == int(graph_logits.argmax())
         for a, b in zip(kv_rows(batched, batched.position), kv_rows(stepped, stepped.position)):
             np.testing.assert_array_equal(a, b)
+
+
+@needs_kernels
+@pytest.mark.parametrize("key, scheme", PREFILL_CASES, ids=["-".join(k) + f"-{s}" for k, s in PREFILL_CASES])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_native_prefill_is_its_decode_steps_batched(workdir, key, scheme, threads):
+    """Prompts of 1 to 3 passes of 16 tokens, at position 0 and after a turn: the kernels' prefill leaves the
+    logits and KV rows that decoding the same tokens one by one leaves, bit for bit (each pass reads the weights
+    once; per token the arithmetic is a decode step's); and against onnxruntime's graph prefill, the int8-
+    activation tolerance and the same next token."""
+    assert_prefill_is_steps(bundle_of(workdir, key, scheme), threads)
+
+
+@needs_kernels
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_native_prefill_reads_gptq_codes_and_zero_points(workdir, symmetric):
+    assert_prefill_is_steps(gptq_bundle(workdir, symmetric, act_order=False), threads=2)
 
 
 @needs_kernels
@@ -202,9 +211,11 @@ def test_auto_decodes_natively_where_faster_and_with_onnxruntime_elsewhere(workd
 
 
 def gptq_bundle(workdir: Path, symmetric: bool, act_order: bool) -> Path:
-    source = workdir / f"gptq-{symmetric}-{act_order}"
+    source, bundle = workdir / f"gptq-{symmetric}-{act_order}", workdir / f"gptq-bundle-{symmetric}-{act_order}"
+    if bundle.exists():
+        return bundle
     write_gptq_checkpoint(source, ("minicpm", "dense"), group_size=32, symmetric=symmetric, act_order=act_order)
-    return export(source, workdir / f"gptq-bundle-{symmetric}-{act_order}", None)
+    return export(source, bundle, None)
 
 
 @needs_kernels
