@@ -955,19 +955,20 @@ int ec_prefill(const ec_model *m, ec_state *st, const int32_t *tokens, int count
 #pragma omp for schedule(static)
                 for (int item = 0; item < n * m->kv_heads; item++)
                     store_kv(m, l, item % m->kv_heads, first + item / m->kv_heads, st->qkv + (size_t)(item / m->kv_heads) * Q);
-                /* each token split as its decode step would be, so a prompt leaves the cache and logits that
-                 * decoding it token by token does, bit for bit */
-                int items = 0;
-                for (int t = 0; t < n; t++) items += m->kv_heads * attention_splits(m, first + t);
+                /* Each token split as its decode step would be, so a prompt leaves the cache and logits that
+                 * decoding it token by token does, bit for bit. An item is one (KV group, range index) for every
+                 * token of the pass: the tokens' ranges nearly coincide, so the keys and values one token reads
+                 * are in cache for the next (long prompts would otherwise read the whole prefix once per token). */
+                const int most_splits = attention_splits(m, first + n - 1);
 #pragma omp for schedule(dynamic, 1)
-                for (int item = 0; item < items; item++) {
-                    int t = 0, rest = item;
-                    while (rest >= m->kv_heads * attention_splits(m, first + t)) rest -= m->kv_heads * attention_splits(m, first + t++);
-                    const int splits = attention_splits(m, first + t);
-                    const ec_attention at = token_attention(m, &st->attention, t);
-                    attend_range(m, l, rest / splits, rest % splits, splits, first + t, st->qkv + (size_t)t * Q, &at,
-                                 own->scores, 0);
-                }
+                for (int item = 0; item < m->kv_heads * most_splits; item++)
+                    for (int t = 0; t < n; t++) {
+                        const int splits = attention_splits(m, first + t);
+                        if (item % most_splits >= splits) continue;
+                        const ec_attention at = token_attention(m, &st->attention, t);
+                        attend_range(m, l, item / most_splits, item % most_splits, splits, first + t, st->qkv + (size_t)t * Q,
+                                     &at, own->scores, 0);
+                    }
                 for (int t = 0; t < n; t++) {
                     const ec_attention at = token_attention(m, &st->attention, t);
                     combine_attention(m, &at, attention_splits(m, first + t), h + t * wide);
