@@ -39,7 +39,7 @@ def test_run_json_greedy_equals_reference(tiny):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert set(summary) == {"text", "token_ids", "prompt_token_ids", "finish_reason", "new_tokens", "prefill_seconds",
-                            "prefill_tokens_per_second", "decode_tokens_per_second"}
+                            "prefill_tokens_per_second", "decode_tokens_per_second", "kernels"}
     assert summary["prompt_token_ids"][0] == 1  # BOS, added once
     with single_torch_thread():
         chain = greedy_chain(tiny.reference_model(), summary["prompt_token_ids"], 10)

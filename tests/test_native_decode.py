@@ -19,7 +19,7 @@ from edgecpm.export import export_checkpoint
 from edgecpm.quant.plan import QuantizationWarning
 from edgecpm.quant.spec import QuantSpec
 from edgecpm.runtimes.native import load_library
-from edgecpm.runtimes.native.decoder import SCALES_FP16, SCALES_PER_ROW
+from edgecpm.runtimes.native.decoder import OFFSETS_FLOAT, OFFSETS_ZERO_POINTS, SCALES_FP16, SCALES_PER_ROW
 from edgecpm.runtimes.onnxruntime import load_backend
 from gptq_writer import write_gptq_checkpoint
 from tiny_models import BITCPM, TINY_CONFIGS, write_bitcpm_checkpoint, write_hf_checkpoint
@@ -174,6 +174,24 @@ def test_native_prefill_reads_gptq_codes_and_zero_points(workdir, symmetric):
 
 
 @needs_kernels
+def test_zero_points_stream_with_the_codes(workdir):
+    """Integer zero points (asymmetric int4) and float ones (a GGUF Q4_1 file's own blocks) become per-block terms
+    in the interleaved stream, added inside the kernels; both decode and prefill as onnxruntime does."""
+    from gguf_writer import Q, write_gguf
+
+    q4_1 = export(write_gguf(workdir / "q4_1.gguf", ("llama", "dense"), qtype=Q.Q4_1).path, workdir / "q4_1-bundle",
+                  QuantSpec("int4"))
+    for bundle, kind in ((bundle_of(workdir, ("llama", "dense"), "int4-asym"), OFFSETS_ZERO_POINTS), (q4_1, OFFSETS_FLOAT)):
+        layer = load_backend(bundle, kernels="native").native._model.layer[0]
+        assert {linear.offset_kind for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)} == {kind}
+        expected, got = decode_both(bundle)
+        scale = max(float(np.abs(e).max()) for e in expected)
+        assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= INT8_ACTIVATION_RTOL * scale
+        assert [int(e.argmax()) for e in expected] == [int(g.argmax()) for g in got]
+        assert_prefill_is_steps(bundle, threads=2)
+
+
+@needs_kernels
 def test_native_prefill_over_split_attention(workdir):
     """Past 32 positions per range a token's attention is split over work items; prefill splits each token as its
     decode step does, so a long prompt still equals its steps exactly."""
@@ -205,7 +223,7 @@ def test_auto_decodes_natively_where_faster_and_with_onnxruntime_elsewhere(workd
     assert dense.native is None and "fp32 weights" in dense.native_unavailable
     assert load_backend(dense_bundle, kernels="native").native is not None  # forced: the kernels implement it
     asymmetric = load_backend(export(source, workdir / "auto-int4-asym", SCHEMES["int4-asym"]))
-    assert asymmetric.native is None and "zero points" in asymmetric.native_unavailable
+    assert asymmetric.native is not None and asymmetric.session is None  # zero points stream with the codes
     monkeypatch.setenv("EDGECPM_KERNELS", "onnxruntime")
     assert load_backend(workdir / "auto-int4").native is None
 

@@ -32,6 +32,7 @@ ACTIVATIONS = {"silu": 0, "fatrelu": 1}
 TABLE = "embed_tokens"
 ROW_GROUP, WORD_BYTES = 8, 4  # the kernels' interleaved layout (kernels.c, groups_avx2)
 SCALES_FP32, SCALES_FP16, SCALES_PER_ROW = 0, 1, 2  # kernels.c's EC_SCALES_*
+OFFSETS_NONE, OFFSETS_ZERO_POINTS, OFFSETS_FLOAT = 0, 1, 2  # kernels.c's EC_OFFSETS_*
 
 
 class Linear(ctypes.Structure):
@@ -39,7 +40,7 @@ class Linear(ctypes.Structure):
                 ("zero_terms", ctypes.c_void_p), ("offsets", ctypes.c_void_p), ("packed", ctypes.c_void_p), ("scale_format", ctypes.c_int32),
                 ("dense", ctypes.c_void_p), ("input_order", ctypes.c_void_p),
                 ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("bits", ctypes.c_int32), ("block", ctypes.c_int32),
-                ("dense_nk", ctypes.c_int32)]
+                ("dense_nk", ctypes.c_int32), ("offset_kind", ctypes.c_int32)]
 
 
 class Layer(ctypes.Structure):
@@ -102,11 +103,6 @@ class _Weights:
         if entry["block_size"] > MAX_BLOCK:
             raise KernelsUnavailable(f"{codes} has blocks of {entry['block_size']} (at most {MAX_BLOCK})")
         blocks = -(-k // entry["block_size"])
-        offsets = 0
-        if f"{name}.block_offsets" in self:
-            transposed = np.ascontiguousarray(self.array(f"{name}.block_offsets").T, dtype=np.float32)  # [n, blocks]
-            self.keep.append(transposed)
-            offsets = transposed.ctypes.data
         order = 0
         if f"{name}.input_order" in self:
             gathered = np.ascontiguousarray(self.array(f"{name}.input_order"), dtype=np.int32)
@@ -115,36 +111,45 @@ class _Weights:
         if self.array(f"{name}.scales").size != n * blocks:
             raise KernelsUnavailable(f"{name}.scales does not hold one scale per block")
         scales = self.array(f"{name}.scales").reshape(n, blocks)
-        zero_terms = 0
-        if f"{name}.qzeros" in self:  # what each block's zero point adds to the middle-code dot, per input sum
-            packed_zeros = self.array(f"{name}.qzeros").reshape(n, -1)
-            zeros = unpack_low_first(packed_zeros, entry["bits"], blocks).astype(np.float32)
-            terms = np.ascontiguousarray(scales * ((1 << (entry["bits"] - 1)) - zeros), dtype=np.float32)
-            self.keep.append(terms)
-            zero_terms = terms.ctypes.data
-        packed, scale_format = self._interleaved(self.array(codes), scales)
+        # What the middle-code dot misses, per block and row, times a per-block input sum (kernels.c EC_OFFSETS_*)
+        terms, offset_kind = None, OFFSETS_NONE
+        if f"{name}.block_offsets" in self:  # float zero points: the offset, times the exact input sum
+            terms, offset_kind = self.array(f"{name}.block_offsets").T.astype(np.float32), OFFSETS_FLOAT
+        elif f"{name}.qzeros" in self:  # integer zero points: scale * (middle - zero), times the quantized sum
+            zeros = unpack_low_first(self.array(f"{name}.qzeros").reshape(n, -1), entry["bits"], blocks)
+            terms = (scales * ((1 << (entry["bits"] - 1)) - zeros.astype(np.float32))).astype(np.float32)
+            offset_kind = OFFSETS_ZERO_POINTS
+        packed, scale_format = self._interleaved(self.array(codes), scales, terms)
         if packed is not None and name != TABLE:
             self.release_pages(codes)  # read once: dropping them as we go bounds the peak at one copy plus a tensor
         self.streamed_bytes += packed.nbytes if packed is not None else self.array(codes).nbytes + scales.nbytes
-        stored_layout = packed is None or not self.vectorised or name == TABLE  # the table's rows are read as stored
-        return Linear(codes=self.pointer(codes), scales=self.pointer(f"{name}.scales", np.float32) if stored_layout else 0,
+        portable = packed is None or not self.vectorised  # the portable C path reads the stored layout
+        loose_terms = 0
+        if portable and terms is not None:
+            loose = np.ascontiguousarray(terms)
+            self.keep.append(loose)
+            loose_terms = loose.ctypes.data
+        return Linear(codes=self.pointer(codes),
+                      scales=self.pointer(f"{name}.scales", np.float32) if portable or name == TABLE else 0,
                       packed=0 if packed is None else packed.ctypes.data, scale_format=scale_format,
+                      offset_kind=offset_kind if packed is not None else OFFSETS_NONE,
                       zero_points=self.pointer(f"{name}.qzeros") if f"{name}.qzeros" in self else 0,
-                      zero_terms=zero_terms, offsets=offsets,
+                      zero_terms=loose_terms if offset_kind == OFFSETS_ZERO_POINTS else 0,
+                      offsets=loose_terms if offset_kind == OFFSETS_FLOAT else 0,
                       input_order=order, n=n, k=k, bits=entry["bits"], block=entry["block_size"])
 
     @staticmethod
-    def scale_format(scales: np.ndarray) -> int:
+    def scale_format(scales: np.ndarray, per_row_allowed: bool = True) -> int:
         """kernels.c's EC_SCALES_*: one scale per row where every block of a row has the same one (BitCPM
         ternary), fp16 where that is exact (the exporter computes scales at fp16 precision), else fp32."""
-        if (scales == scales[:, :1]).all():
+        if per_row_allowed and (scales == scales[:, :1]).all():
             return SCALES_PER_ROW
         return SCALES_FP16 if np.array_equal(scales.astype(np.float16).astype(scales.dtype), scales) else SCALES_FP32
 
-    def _interleaved(self, codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray | None, int]:
-        """Codes [n, blocks, bytes] and scales [n, blocks] -> per 8-row group: the rows' scales (per block, or one
-        per row) padded to whole 32-byte lines, then per block the codes as [words, 8 rows, 4 bytes]
-        (kernels.c, groups_avx2)."""
+    def _interleaved(self, codes: np.ndarray, scales: np.ndarray, terms: np.ndarray | None) -> tuple[np.ndarray | None, int]:
+        """Codes [n, blocks, bytes], scales and terms [n, blocks] -> per 8-row group: the rows' scales (per block,
+        or one per row) padded to whole 32-byte lines, the rows' terms as [blocks, 8] fp32 if any, then per block
+        the codes as [words, 8 rows, 4 bytes] (kernels.c, groups_avx2)."""
         n, blocks, block_bytes = codes.shape
         if block_bytes % WORD_BYTES:
             return None, SCALES_FP32  # the portable kernel reads such blocks from the stored layout
@@ -152,15 +157,21 @@ class _Weights:
         codes = np.pad(codes, ((0, pad), (0, 0), (0, 0))) if pad else codes
         scales = np.pad(scales, ((0, pad), (0, 0))) if pad else scales
         groups, word_count = (n + pad) // ROW_GROUP, block_bytes // WORD_BYTES
-        scale_format = self.scale_format(scales)
+        scale_format = self.scale_format(scales, per_row_allowed=terms is None)  # a row scale would multiply the terms
         group_scales = scales.reshape(groups, ROW_GROUP, blocks).transpose(0, 2, 1)  # [groups, blocks, 8]
         if scale_format == SCALES_PER_ROW:
             header = group_scales[:, :1].astype(np.float32)
         else:
             header = group_scales.astype(np.float16 if scale_format == SCALES_FP16 else np.float32)
-        header_bytes = -(-header[0].nbytes // 32) * 32
+        scale_bytes = -(-header[0].nbytes // 32) * 32
+        if terms is not None:
+            terms = np.pad(terms, ((0, pad), (0, 0))) if pad else terms
+            group_terms = terms.reshape(groups, ROW_GROUP, blocks).transpose(0, 2, 1).astype(np.float32)
+        header_bytes = scale_bytes + (0 if terms is None else group_terms[0].nbytes)
         packed = np.zeros((groups, header_bytes + blocks * block_bytes * ROW_GROUP), dtype=np.uint8)
         packed[:, :header[0].nbytes] = header.reshape(groups, -1).view(np.uint8)
+        if terms is not None:
+            packed[:, scale_bytes:header_bytes] = group_terms.reshape(groups, -1).view(np.uint8)
         # written in place through a strided view: no intermediate copy of the codes
         into_words = np.lib.stride_tricks.as_strided(
             packed[:, header_bytes:], shape=(groups, blocks, word_count, ROW_GROUP, WORD_BYTES),
@@ -272,8 +283,6 @@ def _check_faster(manifest: Manifest, library: ctypes.CDLL) -> None:
                                  "faster on its prepacked copy (kernels='native' holds the weights once)")
     if not library.ec_vectorised():
         raise KernelsUnavailable("no vectorised kernels for this CPU (the portable C path is slower than onnxruntime)")
-    if any(name.endswith(".qzeros") for name in manifest.extra.get("tensors", {})):
-        raise KernelsUnavailable("integer zero points (asymmetric int4/int8) decode about as fast on onnxruntime")
 
 
 def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[], Sequence[int]], threads: int, *,

@@ -39,6 +39,12 @@ static inline float hsum(__m256 v) {
 #define EC_SCALES_FP32 0
 #define EC_SCALES_FP16 1
 #define EC_SCALES_PER_ROW 2
+/* What the interleaved copy holds after the scales: nothing, or per block and row a constant multiplied by a per-block
+ * input sum and added: scale * (middle code - zero point) by the quantized sum (integer zero points), or the
+ * float offset by the exact sum (float zero points, GGUF Q4_1). */
+#define EC_OFFSETS_NONE 0
+#define EC_OFFSETS_ZERO_POINTS 1
+#define EC_OFFSETS_FLOAT 2
 #define EC_PREFETCH_BLOCKS 64 /* how far ahead each group's stream is prefetched (8-16 KiB measured best) */
 #define EC_TILE 16 /* prompt tokens per pass over the weights (ec_prefill) */
 #define EC_TOKENS 4 /* tokens one kernel call computes per row group (accumulators kept in registers) */
@@ -57,6 +63,7 @@ typedef struct {
     const float *dense;
     const int32_t *input_order; /* [k]: the input is gathered first (act-order GPTQ; quantized only), or NULL */
     int32_t n, k, bits, block, dense_nk;
+    int32_t offset_kind; /* of `packed`: EC_OFFSETS_* */
 } ec_linear;
 
 typedef struct {
@@ -215,11 +222,21 @@ static inline __attribute__((always_inline)) __m256i word_dot(const int bits, __
                             _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), mask), x[1]));
 }
 
-/* Bytes before a group's codes: its scales, padded to whole 32-byte lines. */
+/* Bytes of a group's scales, padded to whole 32-byte lines. */
 static int scale_header_bytes(int scale_format, int blocks) {
     if (scale_format == EC_SCALES_PER_ROW) return 32;
     const int bytes = blocks * 8 * (scale_format == EC_SCALES_FP16 ? 2 : 4);
     return (bytes + 31) / 32 * 32;
+}
+
+/* Bytes before a group's codes: its scales, then its offsets ([blocks, 8] fp32) if it has them. */
+static int group_header_bytes(const ec_linear *w, int blocks) {
+    return scale_header_bytes(w->scale_format, blocks) + (w->offset_kind ? blocks * 8 * 4 : 0);
+}
+
+/* The per-block input sums the offsets multiply. */
+static const float *offset_inputs(const ec_linear *w, const ec_act *a) {
+    return w->offset_kind == EC_OFFSETS_ZERO_POINTS ? a->sum : a->exact;
 }
 
 /* `pairs` row groups of 8 rows from the interleaved copy. A group is one sequential stream (prefetched
@@ -232,9 +249,10 @@ static inline __attribute__((always_inline)) void groups_avx2(const int bits, co
                                                               const ec_linear *w, int group, const ec_act *a, float *out,
                                                               int count) {
     const int blocks = (w->k + w->block - 1) / w->block, words = bytes_per_block(w) / EC_WORD, per = 8 / bits;
-    const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1, header = scale_header_bytes(scale_format, blocks);
+    const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1, header = group_header_bytes(w, blocks);
     const size_t group_bytes = header + (size_t)blocks * words * 32;
     const uint8_t *scales = w->packed + group * group_bytes, *codes = scales + header;
+    const float *offsets = (const float *)(scales + scale_header_bytes(scale_format, blocks)), *inputs = offset_inputs(w, a);
     const __m256i ones = _mm256_set1_epi16(1);
     const size_t ahead = (size_t)EC_PREFETCH_BLOCKS * words * 32;
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -266,6 +284,8 @@ static inline __attribute__((always_inline)) void groups_avx2(const int bits, co
                 acc[g] = _mm256_fmadd_ps(dot_f, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)own + b)), scale), acc[g]);
             else
                 acc[g] = _mm256_fmadd_ps(dot_f, _mm256_mul_ps(_mm256_loadu_ps((const float *)own + 8 * b), scale), acc[g]);
+            if (w->offset_kind) /* never with EC_SCALES_PER_ROW, whose row scale multiplies acc at the end */
+                acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(offsets + g * group_bytes / 4 + 8 * b), _mm256_set1_ps(inputs[b]), acc[g]);
         }
     }
     float rows[16];
@@ -300,9 +320,10 @@ static inline __attribute__((always_inline)) void group_tokens_avx2(const int bi
                                                                     const ec_linear *w, int group, const ec_act *acts,
                                                                     float *out, int stride, int count) {
     const int blocks = (w->k + w->block - 1) / w->block, words = bytes_per_block(w) / EC_WORD, per = 8 / bits;
-    const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1, header = scale_header_bytes(scale_format, blocks);
+    const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1, header = group_header_bytes(w, blocks);
     const size_t group_bytes = header + (size_t)blocks * words * 32;
     const uint8_t *scales = w->packed + group * group_bytes, *codes = scales + header;
+    const float *offsets = (const float *)(scales + scale_header_bytes(scale_format, blocks));
     const __m256i ones = _mm256_set1_epi16(1);
     const size_t ahead = (size_t)EC_PREFETCH_BLOCKS * words * 32;
     __m256 acc[EC_TOKENS];
@@ -332,6 +353,8 @@ static inline __attribute__((always_inline)) void group_tokens_avx2(const int bi
         for (int t = 0; t < tokens; t++) {
             const __m256 dot_f = _mm256_cvtepi32_ps(_mm256_add_epi32(dot[t], _mm256_set1_epi32(acts[t].correction[b])));
             acc[t] = _mm256_fmadd_ps(dot_f, _mm256_mul_ps(row_scale, _mm256_set1_ps(acts[t].scale[b])), acc[t]);
+            if (w->offset_kind)
+                acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(offsets + 8 * b), _mm256_set1_ps(offset_inputs(w, &acts[t])[b]), acc[t]);
         }
     }
     for (int t = 0; t < tokens; t++) {
@@ -400,7 +423,7 @@ static void quantized_rows(const ec_linear *w, int row, int count, const ec_act 
 #ifdef EC_AVX2
     if (avx2_covers(w, row)) {
         rows_kernel(w)(w, row, count, a, out);
-        if (explicit_zero)
+        if (explicit_zero && !w->offset_kind)
             for (int r = 0; r < count; r++) out[r] += zero_point_term(w, row + r, a);
         return;
     }
@@ -427,7 +450,7 @@ static void quantized_rows_tokens(const ec_linear *w, int row, int count, const 
             for (int t = 0; t < tokens; t += EC_TOKENS)
                 kernel(w, (row + r) / 8, acts + t, tokens - t < EC_TOKENS ? tokens - t : EC_TOKENS, out + (size_t)t * stride + r,
                        stride, count - r < 8 ? count - r : 8);
-        if (w->zero_terms || w->offsets)
+        if ((w->zero_terms || w->offsets) && !w->offset_kind)
             for (int t = 0; t < tokens; t++)
                 for (int r = 0; r < count; r++) out[(size_t)t * stride + r] += zero_point_term(w, row + r, &acts[t]);
         return;
