@@ -239,68 +239,83 @@ static const float *offset_inputs(const ec_linear *w, const ec_act *a) {
     return w->offset_kind == EC_OFFSETS_ZERO_POINTS ? a->sum : a->exact;
 }
 
-/* `pairs` row groups of 8 rows from the interleaved copy. A group is one sequential stream (prefetched
- * EC_PREFETCH_BLOCKS ahead): its 8 rows' scales (scale_header_bytes), then per block `words` 32-byte loads of 8 rows
- * x one 4-byte word, one row per 32-bit lane. Lanes are rows, so a block ends with one convert and one fma
- * per 8 rows; two groups share each activation broadcast. int16 sums are widened before they can overflow:
- * a word adds at most 2*15*127 per plane pair at 4 bits (4 words), 2*762 + 2*762 at 2 bits (8 words);
- * 8-bit pairs reach 32512 and are widened every word. */
-static inline __attribute__((always_inline)) void groups_avx2(const int bits, const int pairs, const int scale_format,
-                                                              const ec_linear *w, int group, const ec_act *a, float *out,
-                                                              int count) {
+/* `pairs` row groups of 8 rows from the interleaved copy against `tokens` tokens' activations (acts[t]; outputs
+ * out + t * stride). A group is one sequential stream (prefetched EC_PREFETCH_BLOCKS ahead): its 8 rows' scales
+ * and offsets (group_header_bytes), then per block `words` 32-byte loads of 8 rows x one 4-byte word, one row
+ * per 32-bit lane. Lanes are rows, so a block ends with one convert and one fma per 8 rows; every load of codes
+ * serves all tokens and every activation broadcast all groups. A decode step runs two groups for one token; a
+ * prefill pass one group for up to EC_TOKENS tokens, with the same arithmetic per token, so its rows equal the
+ * decode step's bit for bit. int16 sums are widened before they can overflow: a word adds at most 2*15*127 per
+ * plane pair at 4 bits (4 words), 2*762 + 2*762 at 2 bits (8 words); 8-bit pairs reach 32512 and are widened
+ * every word. */
+static inline __attribute__((always_inline)) void groups_avx2(const int bits, const int pairs, const int tokens,
+                                                              const int scale_format, const ec_linear *w, int group,
+                                                              const ec_act *acts, float *out, int stride, int count) {
     const int blocks = (w->k + w->block - 1) / w->block, words = bytes_per_block(w) / EC_WORD, per = 8 / bits;
     const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1, header = group_header_bytes(w, blocks);
     const size_t group_bytes = header + (size_t)blocks * words * 32;
     const uint8_t *scales = w->packed + group * group_bytes, *codes = scales + header;
-    const float *offsets = (const float *)(scales + scale_header_bytes(scale_format, blocks)), *inputs = offset_inputs(w, a);
+    const float *offsets = (const float *)(scales + scale_header_bytes(scale_format, blocks));
     const __m256i ones = _mm256_set1_epi16(1);
     const size_t ahead = (size_t)EC_PREFETCH_BLOCKS * words * 32;
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc[2][EC_TOKENS];
+    for (int g = 0; g < pairs; g++)
+        for (int t = 0; t < tokens; t++) acc[g][t] = _mm256_setzero_ps();
     for (int b = 0; b < blocks; b++) {
-        const int8_t *q = a->q + b * w->block;
         for (int g = 0; g < pairs; g++)
             for (int line = 0; line < words * 32; line += 64)
                 _mm_prefetch((const char *)(codes + g * group_bytes + ahead + line), _MM_HINT_T0);
-        __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        __m256i dot[2][EC_TOKENS];
+        for (int g = 0; g < pairs; g++)
+            for (int t = 0; t < tokens; t++) dot[g][t] = _mm256_setzero_si256();
         for (int start = 0; start < words; start += widen_every) {
             const int stop = start + widen_every < words ? start + widen_every : words;
-            __m256i sums[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-            for (int word = start; word < stop; word++, codes += 32, q += EC_WORD * per) {
-                __m256i x[4];
-                for (int p = 0; p < per; p++) x[p] = broadcast_word(q + EC_WORD * p);
-                for (int g = 0; g < pairs; g++)
-                    sums[g] = _mm256_add_epi16(sums[g], word_dot(bits, _mm256_loadu_si256((const __m256i *)(codes + g * group_bytes)), x));
+            __m256i sums[2][EC_TOKENS];
+            for (int g = 0; g < pairs; g++)
+                for (int t = 0; t < tokens; t++) sums[g][t] = _mm256_setzero_si256();
+            for (int word = start; word < stop; word++, codes += 32) {
+                __m256i raw[2];
+                for (int g = 0; g < pairs; g++) raw[g] = _mm256_loadu_si256((const __m256i *)(codes + g * group_bytes));
+                for (int t = 0; t < tokens; t++) {
+                    const int8_t *q = acts[t].q + b * w->block + word * EC_WORD * per;
+                    __m256i x[4];
+                    for (int p = 0; p < per; p++) x[p] = broadcast_word(q + EC_WORD * p);
+                    for (int g = 0; g < pairs; g++) sums[g][t] = _mm256_add_epi16(sums[g][t], word_dot(bits, raw[g], x));
+                }
             }
-            for (int g = 0; g < pairs; g++) dot[g] = _mm256_add_epi32(dot[g], _mm256_madd_epi16(sums[g], ones));
+            for (int g = 0; g < pairs; g++)
+                for (int t = 0; t < tokens; t++) dot[g][t] = _mm256_add_epi32(dot[g][t], _mm256_madd_epi16(sums[g][t], ones));
         }
-        const __m256i correction = _mm256_set1_epi32(a->correction[b]);
-        const __m256 scale = _mm256_set1_ps(a->scale[b]);
         for (int g = 0; g < pairs; g++) {
-            const __m256 dot_f = _mm256_cvtepi32_ps(_mm256_add_epi32(dot[g], correction));
             const uint8_t *own = scales + g * group_bytes;
-            if (scale_format == EC_SCALES_PER_ROW)
-                acc[g] = _mm256_fmadd_ps(dot_f, scale, acc[g]);
-            else if (scale_format == EC_SCALES_FP16)
-                acc[g] = _mm256_fmadd_ps(dot_f, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)own + b)), scale), acc[g]);
-            else
-                acc[g] = _mm256_fmadd_ps(dot_f, _mm256_mul_ps(_mm256_loadu_ps((const float *)own + 8 * b), scale), acc[g]);
-            if (w->offset_kind) /* never with EC_SCALES_PER_ROW, whose row scale multiplies acc at the end */
-                acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(offsets + g * group_bytes / 4 + 8 * b), _mm256_set1_ps(inputs[b]), acc[g]);
+            __m256 row_scale = _mm256_set1_ps(1.f); /* EC_SCALES_PER_ROW: applied once at the end */
+            if (scale_format == EC_SCALES_FP16) row_scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)own + b));
+            if (scale_format == EC_SCALES_FP32) row_scale = _mm256_loadu_ps((const float *)own + 8 * b);
+            for (int t = 0; t < tokens; t++) {
+                const __m256 dot_f = _mm256_cvtepi32_ps(_mm256_add_epi32(dot[g][t], _mm256_set1_epi32(acts[t].correction[b])));
+                acc[g][t] = _mm256_fmadd_ps(dot_f, _mm256_mul_ps(row_scale, _mm256_set1_ps(acts[t].scale[b])), acc[g][t]);
+                if (w->offset_kind) /* never with EC_SCALES_PER_ROW, whose row scale multiplies acc at the end */
+                    acc[g][t] = _mm256_fmadd_ps(_mm256_loadu_ps(offsets + g * group_bytes / 4 + 8 * b),
+                                                _mm256_set1_ps(offset_inputs(w, &acts[t])[b]), acc[g][t]);
+            }
         }
     }
-    float rows[16];
-    for (int g = 0; g < pairs; g++) {
-        if (scale_format == EC_SCALES_PER_ROW) acc[g] = _mm256_mul_ps(acc[g], _mm256_loadu_ps((const float *)(scales + g * group_bytes)));
-        _mm256_storeu_ps(rows + 8 * g, acc[g]);
-    }
-    for (int r = 0; r < count; r++) out[r] = rows[r];
+    for (int g = 0; g < pairs; g++)
+        for (int t = 0; t < tokens; t++) {
+            float rows[8];
+            if (scale_format == EC_SCALES_PER_ROW)
+                acc[g][t] = _mm256_mul_ps(acc[g][t], _mm256_loadu_ps((const float *)(scales + g * group_bytes)));
+            _mm256_storeu_ps(rows, acc[g][t]);
+            for (int r = 0; r < 8 && 8 * g + r < count; r++) out[(size_t)t * stride + 8 * g + r] = rows[r];
+        }
 }
 
+/* Decode: one token, two groups at a time. */
 #define EC_ROW_KERNELS(bits, format)                                                                                     \
     static void rows_##bits##_##format(const ec_linear *w, int row, int count, const ec_act *a, float *out) {           \
         int r = 0;                                                                                                        \
-        for (; r + 16 <= count; r += 16) groups_avx2(bits, 2, format, w, (row + r) / 8, a, out + r, 16);                 \
-        for (; r < count; r += 8) groups_avx2(bits, 1, format, w, (row + r) / 8, a, out + r, count - r < 8 ? count - r : 8); \
+        for (; r + 16 <= count; r += 16) groups_avx2(bits, 2, 1, format, w, (row + r) / 8, a, out + r, 0, 16);           \
+        for (; r < count; r += 8) groups_avx2(bits, 1, 1, format, w, (row + r) / 8, a, out + r, 0, count - r);             \
     }
 #define EC_ROW_KERNELS_ALL_BITS(format) EC_ROW_KERNELS(2, format) EC_ROW_KERNELS(4, format) EC_ROW_KERNELS(8, format)
 EC_ROW_KERNELS_ALL_BITS(0) /* EC_SCALES_FP32 */
@@ -314,65 +329,15 @@ static ec_rows_kernel rows_kernel(const ec_linear *w) {
     return kernels[w->scale_format][w->bits == 2 ? 0 : w->bits == 4 ? 1 : 2];
 }
 
-/* Up to EC_TOKENS tokens against one group of 8 rows: each 32-byte load of codes is used for every token (the
- * same arithmetic as groups_avx2, so a prompt token's rows equal a decode step's bit for bit). */
-static inline __attribute__((always_inline)) void group_tokens_avx2(const int bits, const int tokens, const int scale_format,
-                                                                    const ec_linear *w, int group, const ec_act *acts,
-                                                                    float *out, int stride, int count) {
-    const int blocks = (w->k + w->block - 1) / w->block, words = bytes_per_block(w) / EC_WORD, per = 8 / bits;
-    const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1, header = group_header_bytes(w, blocks);
-    const size_t group_bytes = header + (size_t)blocks * words * 32;
-    const uint8_t *scales = w->packed + group * group_bytes, *codes = scales + header;
-    const float *offsets = (const float *)(scales + scale_header_bytes(scale_format, blocks));
-    const __m256i ones = _mm256_set1_epi16(1);
-    const size_t ahead = (size_t)EC_PREFETCH_BLOCKS * words * 32;
-    __m256 acc[EC_TOKENS];
-    for (int t = 0; t < tokens; t++) acc[t] = _mm256_setzero_ps();
-    for (int b = 0; b < blocks; b++) {
-        for (int line = 0; line < words * 32; line += 64) _mm_prefetch((const char *)(codes + ahead + line), _MM_HINT_T0);
-        __m256i dot[EC_TOKENS];
-        for (int t = 0; t < tokens; t++) dot[t] = _mm256_setzero_si256();
-        for (int start = 0; start < words; start += widen_every) {
-            const int stop = start + widen_every < words ? start + widen_every : words;
-            __m256i sums[EC_TOKENS];
-            for (int t = 0; t < tokens; t++) sums[t] = _mm256_setzero_si256();
-            for (int word = start; word < stop; word++, codes += 32) {
-                const __m256i raw = _mm256_loadu_si256((const __m256i *)codes);
-                for (int t = 0; t < tokens; t++) {
-                    const int8_t *q = acts[t].q + b * w->block + word * EC_WORD * per;
-                    __m256i x[4];
-                    for (int p = 0; p < per; p++) x[p] = broadcast_word(q + EC_WORD * p);
-                    sums[t] = _mm256_add_epi16(sums[t], word_dot(bits, raw, x));
-                }
-            }
-            for (int t = 0; t < tokens; t++) dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(sums[t], ones));
-        }
-        __m256 row_scale = _mm256_set1_ps(1.f);
-        if (scale_format == EC_SCALES_FP16) row_scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scales + b));
-        if (scale_format == EC_SCALES_FP32) row_scale = _mm256_loadu_ps((const float *)scales + 8 * b);
-        for (int t = 0; t < tokens; t++) {
-            const __m256 dot_f = _mm256_cvtepi32_ps(_mm256_add_epi32(dot[t], _mm256_set1_epi32(acts[t].correction[b])));
-            acc[t] = _mm256_fmadd_ps(dot_f, _mm256_mul_ps(row_scale, _mm256_set1_ps(acts[t].scale[b])), acc[t]);
-            if (w->offset_kind)
-                acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(offsets + 8 * b), _mm256_set1_ps(offset_inputs(w, &acts[t])[b]), acc[t]);
-        }
-    }
-    for (int t = 0; t < tokens; t++) {
-        float rows[8];
-        if (scale_format == EC_SCALES_PER_ROW) acc[t] = _mm256_mul_ps(acc[t], _mm256_loadu_ps((const float *)scales));
-        _mm256_storeu_ps(rows, acc[t]);
-        for (int r = 0; r < count; r++) out[(size_t)t * stride + r] = rows[r];
-    }
-}
-
+/* Prefill: one group, up to EC_TOKENS tokens at a time. */
 #define EC_TOKEN_KERNELS(bits, format)                                                                                    \
     static void tokens_##bits##_##format(const ec_linear *w, int group, const ec_act *acts, int tokens, float *out,       \
                                          int stride, int count) {                                                         \
         switch (tokens) {                                                                                                 \
-        case 1: group_tokens_avx2(bits, 1, format, w, group, acts, out, stride, count); break;                           \
-        case 2: group_tokens_avx2(bits, 2, format, w, group, acts, out, stride, count); break;                           \
-        case 3: group_tokens_avx2(bits, 3, format, w, group, acts, out, stride, count); break;                           \
-        default: group_tokens_avx2(bits, 4, format, w, group, acts, out, stride, count); break;                          \
+        case 1: groups_avx2(bits, 1, 1, format, w, group, acts, out, stride, count); break;                             \
+        case 2: groups_avx2(bits, 1, 2, format, w, group, acts, out, stride, count); break;                             \
+        case 3: groups_avx2(bits, 1, 3, format, w, group, acts, out, stride, count); break;                             \
+        default: groups_avx2(bits, 1, 4, format, w, group, acts, out, stride, count); break;                            \
         }                                                                                                                 \
     }
 #define EC_TOKEN_KERNELS_ALL_BITS(format) EC_TOKEN_KERNELS(2, format) EC_TOKEN_KERNELS(4, format) EC_TOKEN_KERNELS(8, format)

@@ -222,17 +222,17 @@ class OnnxRuntimeBackend:
         ids = np.ascontiguousarray(np.asarray(token_ids, dtype=np.int64).reshape(1, -1))
         if self.session is not None:
             return self._step(ids)
-        self._check_room(ids.shape[1])
-        self.native.prefill(ids, self._position, self._logits)
-        self._position += ids.shape[1]
-        return self._logits[0].copy()
+        return self._native_step(lambda position, logits: self.native.prefill(ids, position, logits), ids.shape[1])
 
     def decode(self, token_id: int) -> np.ndarray:
         if self.native is None:
             return self._step(np.array([[int(token_id)]], np.int64))
-        self._check_room(1)
-        self.native.decode(token_id, self._position, self._logits)
-        self._position += 1
+        return self._native_step(lambda position, logits: self.native.decode(token_id, position, logits), 1)
+
+    def _native_step(self, run, count: int) -> np.ndarray:
+        self._check_room(count)
+        run(self._position, self._logits)
+        self._position += count
         return self._logits[0].copy()
 
     def reset(self) -> None:
