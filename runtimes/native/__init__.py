@@ -1,4 +1,4 @@
-"""Native CPU decode kernels (imported as `edgecpm.runtimes.native`): C + OpenMP, built on first use, torch-free.
+"""Native CPU kernels for decode and prefill (imported as `edgecpm.runtimes.native`): C + OpenMP, built on first use, torch-free.
 
 The onnxruntime backend hands its decode steps, and for quantized bundles its prefill too (then it opens no
 onnxruntime session), to `native_decoder` when the bundle is one the kernels implement; where onnxruntime

@@ -191,7 +191,7 @@ class OnnxRuntimeBackend:
             self.native_unavailable = None
         except KernelsUnavailable as error:
             if required:
-                raise BundleError(f"native decode kernels unavailable: {error}", path=model_path) from None
+                raise BundleError(f"native kernels unavailable: {error}", path=model_path) from None
             self.native_unavailable = str(error)
 
     @property
