@@ -212,16 +212,16 @@ def test_native_prefill_over_split_attention(workdir):
 
 
 @needs_kernels
-def test_auto_decodes_natively_where_faster_and_with_onnxruntime_elsewhere(workdir, monkeypatch):
+def test_auto_decodes_natively_unless_told_otherwise(workdir, monkeypatch):
     monkeypatch.delenv("EDGECPM_KERNELS", raising=False)
     source = checkpoint(workdir, ("llama", "dense"))
     quantized = load_backend(export(source, workdir / "auto-int4", SCHEMES["int4"]))
     assert quantized.native is not None and quantized.native_unavailable is None
     assert quantized.native._model.layer[0].qkv.scale_format == SCALES_FP16  # exported at fp16 precision
-    dense_bundle = export(source, workdir / "auto-fp32", None)
-    dense = load_backend(dense_bundle)
-    assert dense.native is None and "fp32 weights" in dense.native_unavailable
-    assert load_backend(dense_bundle, kernels="native").native is not None  # forced: the kernels implement it
+    dense = load_backend(export(source, workdir / "auto-fp32", None))
+    # fp32: the kernels decode, onnxruntime prefills (MLAS's GEMM), both from one memory-mapped copy
+    assert dense.kernels == {"prefill": "onnxruntime", "decode": "native", "native_unavailable": None}
+    assert dense.native.in_place_tensors()
     asymmetric = load_backend(export(source, workdir / "auto-int4-asym", SCHEMES["int4-asym"]))
     assert asymmetric.native is not None and asymmetric.session is None  # zero points stream with the codes
     monkeypatch.setenv("EDGECPM_KERNELS", "onnxruntime")

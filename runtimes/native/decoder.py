@@ -278,9 +278,6 @@ class NativeDecoder:
 
 def _check_faster(manifest: Manifest, library: ctypes.CDLL) -> None:
     """Where the kernels decode slower than onnxruntime (docs/BENCHMARKS.md), `auto` leaves the bundle to it."""
-    if not manifest.quantization:
-        raise KernelsUnavailable("fp32 weights: both decode at the memory-bandwidth roof, and onnxruntime's prefill is "
-                                 "faster on its prepacked copy (kernels='native' holds the weights once)")
     if not library.ec_vectorised():
         raise KernelsUnavailable("no vectorised kernels for this CPU (the portable C path is slower than onnxruntime)")
 
