@@ -140,9 +140,10 @@ class OnnxRuntimeBackend:
 
     `kernels`: who runs the steps. "native" runs edgecpm's own kernels (edgecpm.runtimes.native) and fails where
     they do not implement the bundle; "onnxruntime" runs the graph; "auto" (default) uses the kernels where they
-    implement the bundle on a CPU with their vectorised path (docs/BENCHMARKS.md) and the graph elsewhere (`native_unavailable` says why). Where the kernels also prefill
-    (every linear quantized) no onnxruntime session is opened at all (`session` is None): the process holds the
-    weights once, as the kernels' interleaved copy. Otherwise the graph prefills, over the same KV buffers.
+    implement the bundle on a CPU with their vectorised path (docs/BENCHMARKS.md) and the graph elsewhere
+    (`native_unavailable` says why). Where the kernels also prefill (every linear quantized) no onnxruntime
+    session is opened at all (`session` is None): the process holds the weights once, as the kernels'
+    interleaved copy. Otherwise the graph prefills, over the same KV buffers.
     """
 
     def __init__(self, model_path: Path, manifest: Manifest, *, threads: int | None = None, prepack: bool = True,
