@@ -8,6 +8,8 @@ logit range, and greedy tokens match.
 
 from __future__ import annotations
 
+import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -102,6 +104,42 @@ def test_native_decode_matches_onnxruntime(workdir, key, scheme):
         return
     expected, got = decode_both(bundle)
     assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= FP32_ATOL
+
+
+def with_tensor_entries(bundle: Path, copy: Path, change) -> Path:
+    """A copy of `bundle` (its files linked) whose manifest has every tensor index entry passed through change()."""
+    shutil.copytree(bundle, copy, copy_function=lambda source, target: Path(target).symlink_to(Path(source).resolve()))
+    manifest_file = copy / "edgecpm.json"
+    manifest = json.loads(manifest_file.read_text())
+    for entry in manifest["extra"]["tensors"].values():
+        change(entry)
+    manifest_file.unlink()  # a link to the original: replaced, not written through
+    manifest_file.write_text(json.dumps(manifest))
+    return copy
+
+
+@needs_kernels
+@pytest.mark.parametrize("key", [("llama", "dense"), ("minicpm", "untied")], ids=["tied", "untied"])
+def test_six_bit_tables_stream_at_six_bits_with_the_eight_bit_results(workdir, key):
+    """int6 tables are 8-bit codes holding 6-bit values (what onnxruntime reads); the kernels stream the head at
+    6 bits, and since the integer dots are exact either way, the logits are those of streaming its 8-bit codes,
+    bit for bit. A bundle claiming 6-bit values its codes exceed is refused."""
+    bundle = bundle_of(workdir, key, "int4")  # "auto" tables: int6 under int4 weights
+    eight_bit = with_tensor_entries(bundle, workdir / f"{bundle.name}-as-8-bit", lambda entry: entry.pop("value_bits", None))
+    six, eight = (load_backend(b, kernels="native") for b in (bundle, eight_bit))
+    assert (six.native._model.head.stream_bits, eight.native._model.head.stream_bits) == (6, 8)
+    assert six.native.streamed_bytes < eight.native.streamed_bytes
+    logits = six.prefill(PROMPT)
+    np.testing.assert_array_equal(logits, eight.prefill(PROMPT))
+    for _ in range(DECODE_STEPS):
+        token = int(logits.argmax())
+        logits = six.decode(token)
+        np.testing.assert_array_equal(logits, eight.decode(token))
+    lying = with_tensor_entries(bundle_of(workdir, key, "int8"), workdir / f"{bundle.name}-lying",
+                                lambda entry: entry.update(value_bits=6) if entry.get("bits") == 8 else None)
+    assert "holds codes outside 96..159" in load_backend(lying).native_unavailable
+    with pytest.raises(BundleError, match="recorded as 6-bit values"):
+        load_backend(lying, kernels="native")
 
 
 @needs_kernels

@@ -85,8 +85,8 @@ def test_quantized_export_matches_reference_on_dequantized_weights(workdir, key,
     bundle = export(checkpoint_dir, workdir / f"{'-'.join(key)}-{flavour}-{scheme}", flavour, quant=SCHEMES[scheme])
     assert parity(checkpoint_dir, bundle, SCHEMES[scheme]) <= FP32_ATOL
     record = read_manifest(bundle).quantization
-    table = "int4" if scheme == "int4-tables4" else "int8"
-    assert record["tensors"]["model.embed_tokens.weight"] == f"{table}-rtn"
+    assert record["tensors"]["model.embed_tokens.weight"] == f"{SCHEMES[scheme].embeddings}-rtn"
+    assert SCHEMES[scheme].embeddings == {"int4-tables4": "int4", "int8": "int8"}.get(scheme, "int6")  # "auto" resolved
     assert record["scheme"] == SCHEMES[scheme].scheme and record["model_bytes"] > 0
     assert set(record["quality"]) >= {"perplexity", "reference_perplexity", "mean_kl", "top1_agreement",
                                       "perplexity_increase"}
@@ -151,7 +151,7 @@ def test_absmean_ternary_of_dense_weights_warns_with_the_measured_loss(tmp_path)
     dense = write_hf_checkpoint(tmp_path / "dense", ("minicpm", "dense"))
     with pytest.warns(QuantizationWarning, match=r"14 of 15 weights are not ternary.*perplexity [+-]\d"):
         export(dense, tmp_path / "out", quant=QuantSpec("ternary"))
-    assert read_manifest(tmp_path / "out").quantization["tensor_counts"] == {"ternary-absmean": 14, "int8-rtn": 1}
+    assert read_manifest(tmp_path / "out").quantization["tensor_counts"] == {"ternary-absmean": 14, "int6-rtn": 1}
 
 
 # --- GPTQ checkpoints --------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def test_gptq_int4_head_of_a_tied_model_is_calibrated_and_stored_apart(workdir, 
     bundle = export(source, tmp_path / "b", quant=QuantSpec("int4", method="gptq", lm_head="int4"))
     record = read_manifest(bundle).quantization
     assert record["tensors"]["lm_head.weight"] == "int4-gptq"
-    assert record["tensors"]["model.embed_tokens.weight"] == "int8-rtn"
+    assert record["tensors"]["model.embed_tokens.weight"] == "int6-rtn"
     initializers = {t.name for t in _graph(bundle).graph.initializer}
     assert any(name.startswith("lm_head") for name in initializers)
 

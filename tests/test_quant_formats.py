@@ -16,6 +16,7 @@ from edgecpm.quant.formats import (
     quantize_ternary,
     to_dequantize_linear,
     unpack_matmul_nbits,
+    widened,
 )
 from edgecpm.quant.gptq import convert_gptq, dequantize_gptq
 from edgecpm.quant.spec import QuantSpec
@@ -62,6 +63,23 @@ def test_matmul_nbits_reads_reference_packing_bit_exactly(bits, block_size, symm
     assert np.array_equal(roundtrip.codes, quantized.codes)
     assert np.array_equal(roundtrip.zero_points, quantized.zero_points)
     assert np.array_equal(roundtrip.scales, quantized.scales)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_six_bit_values_in_eight_bit_codes_read_bit_exactly(symmetric):
+    """int6 (tables): 6-bit values carried by 8-bit codes, which MatMulNBits and DequantizeLinear read as they are."""
+    weight = np.random.default_rng(6).standard_normal((40, 256)).astype(np.float32)
+    six = quantize_rtn(weight, 6, 32, symmetric=symmetric, scale_dtype=np.float16)
+    carried = widened(six)
+    assert (carried.bits, carried.value_bits) == (8, 6) and widened(quantize_rtn(weight, 4, 32)).value_bits is None
+    assert np.array_equal(carried.dequantize(), six.dequantize())
+    assert carried.codes.min() >= 96 and carried.codes.max() <= 159  # 128 - 32 ... 128 + 31
+    assert np.array_equal(matmul_nbits_weight(carried, np.float16), six.dequantize().T)
+    if symmetric:
+        assert np.array_equal(dequantize_linear_reference(to_dequantize_linear(carried)), six.dequantize().T)
+    # a quarter of int4's error: between int4 and int8
+    errors = [np.abs(quantize_rtn(weight, bits, 32).dequantize() - weight).mean() for bits in (4, 6, 8)]
+    assert errors[0] > 3.5 * errors[1] > 3.5 * 3.5 * errors[2]
 
 
 def test_matmul_nbits_fp16_scales_and_unaligned_k():
@@ -189,7 +207,8 @@ def test_quant_spec_selects_tensors_and_roundtrips():
     assert spec.for_tensor("model.layers.1.self_attn.q_proj.weight").bits == 4
     assert spec.for_tensor("model.layers.0.mlp.down_proj.weight").bits == 8
     assert spec.for_tensor("model.layers.1.input_layernorm.weight") is None
-    assert spec.for_tensor("lm_head.weight").scheme == "int8"
+    assert spec.for_tensor("lm_head.weight").scheme == "int6"  # auto: int6 tables under int4 weights
+    assert QuantSpec("int8").for_tensor("lm_head.weight").scheme == "int8"
     assert QuantSpec.from_dict(spec.to_dict()) == spec
 
 

@@ -28,8 +28,10 @@ METHOD = typer.Option("auto", "--method", help="auto: a GGUF file's own Q4_0/Q4_
                       "ternary packing of BitCPM weights (fails on anything else).")
 BLOCK_SIZE = typer.Option(32, "--block-size", help="Weights per scale along the input dimension: 16, 32, 64 or 128.")
 ASYMMETRIC = typer.Option(False, "--asymmetric", help="Per-block zero points (int4/int8, ort flavour only).")
-LM_HEAD = typer.Option("int8", "--lm-head", help="LM head storage: int8, int4 or none (with --quant).")
-EMBEDDINGS = typer.Option("int8", "--embeddings", help="Embedding table storage: int8, int4 or none (with --quant).")
+LM_HEAD = typer.Option("auto", "--lm-head", help="LM head storage: auto (int8 with --quant int8, else int6), int8, int6 "
+                       "(6-bit values in 8-bit codes; the native kernels stream 6 bits), int4 or none (with --quant).")
+EMBEDDINGS = typer.Option("auto", "--embeddings", help="Embedding table storage: auto (as --lm-head's), int8, int6, int4 or "
+                          "none (with --quant).")
 ACCURACY_LEVEL = typer.Option(4, "--accuracy-level", help="MatMulNBits compute (ort): 4 = int8 activations, fastest on "
                               "CPU; 0 = activation dtype, exact.")
 MAX_PPL_INCREASE = typer.Option(None, "--max-ppl-increase", help="Fail (and write nothing) if the quality gate measures "

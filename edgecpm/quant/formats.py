@@ -23,6 +23,8 @@ class BlockQuantized:
     bits: int
     block_size: int
     in_features: int  # K before padding
+    # Values narrower than the codes (6-bit values in the 8-bit codes onnxruntime reads, see `widened`), or None
+    value_bits: int | None = None
 
     @property
     def out_features(self) -> int:
@@ -55,6 +57,22 @@ class BlockQuantized:
 def default_zero_point(bits: int) -> int:
     """MatMulNBits' implied zero point: the middle code (8 for int4, 2 for 2-bit, 128 for int8)."""
     return 1 << (bits - 1)
+
+
+# Bits onnxruntime and ONNX have no kernel or type for, and the codes that carry them
+CARRIER_BITS = {6: 8}
+
+
+def widened(quantized: BlockQuantized) -> BlockQuantized:
+    """The same values in the codes of CARRIER_BITS (6-bit values as 8-bit codes: what MatMulNBits,
+    GatherBlockQuantized and DequantizeLinear read, at 8 bits' cost; edgecpm's kernels stream them at 6): codes
+    and zero points move by the difference of the middle codes, so every dequantized weight is unchanged."""
+    bits = CARRIER_BITS.get(quantized.bits)
+    if bits is None:
+        return quantized
+    shift = np.uint8(default_zero_point(bits) - default_zero_point(quantized.bits))
+    return BlockQuantized(quantized.codes + shift, quantized.scales, quantized.zero_points + shift, bits,
+                          quantized.block_size, quantized.in_features, value_bits=quantized.bits)
 
 
 def _blocks(weight: np.ndarray, block_size: int, pad_value: float = 0.0) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 
 from edgecpm.errors import UnsupportedError
 from edgecpm.quant.calibrate import Hessian
-from edgecpm.quant.formats import BlockQuantized, quantize_rtn, quantize_ternary
+from edgecpm.quant.formats import BlockQuantized, quantize_rtn, quantize_ternary, widened
 from edgecpm.quant.gptq import GPTQLinear
 from edgecpm.quant.spec import QuantSpec, TensorQuant
 from edgecpm.quant.ternary import detect_ternary, pack_ternary_exact
@@ -67,10 +67,10 @@ def _integer(weight, name, tq, quantizer) -> tuple[BlockQuantized, str]:
         from edgecpm.quant.calibrate import gptq_quantize
 
         damping = DAMPING_FULL_RANK if hessian.rows >= weight.shape[1] else DAMPING_RANK_DEFICIENT
-        return (gptq_quantize(weight, hessian.matrix, tq.bits, tq.block_size, symmetric=tq.symmetric,
-                              scale_dtype=_scale_dtype(weight, quantizer), damping=damping), f"{tq.scheme}-gptq")
-    return quantize_rtn(weight, tq.bits, tq.block_size, symmetric=tq.symmetric,
-                        scale_dtype=_scale_dtype(weight, quantizer)), f"{tq.scheme}-rtn"
+        return (widened(gptq_quantize(weight, hessian.matrix, tq.bits, tq.block_size, symmetric=tq.symmetric,
+                                      scale_dtype=_scale_dtype(weight, quantizer), damping=damping)), f"{tq.scheme}-gptq")
+    return widened(quantize_rtn(weight, tq.bits, tq.block_size, symmetric=tq.symmetric,
+                                scale_dtype=_scale_dtype(weight, quantizer))), f"{tq.scheme}-rtn"
 
 
 def _ternary(weight, name, tq, quantizer) -> tuple[BlockQuantized, str]:
@@ -88,7 +88,7 @@ def _ternary(weight, name, tq, quantizer) -> tuple[BlockQuantized, str]:
     return quantize_ternary(weight, tq.block_size, scale_dtype=_scale_dtype(weight, quantizer)), "ternary-absmean"
 
 
-SCHEMES: dict[str, Callable] = {"int8": _integer, "int4": _integer, "ternary": _ternary}
+SCHEMES: dict[str, Callable] = {"int8": _integer, "int6": _integer, "int4": _integer, "ternary": _ternary}
 
 
 @dataclass

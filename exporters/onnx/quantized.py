@@ -87,7 +87,8 @@ class OrtQuantized:
         n, blocks = packed.out_features, packed.packed.shape[1]
         b = self.w.weight(f"{out}.qweight", packed.packed)
         self.w.describe(b, bits=packed.bits, block_size=packed.block_size, k=packed.in_features, n=n,
-                        accuracy_level=self.accuracy_level)
+                        accuracy_level=self.accuracy_level,
+                        **({} if quantized.value_bits is None else {"value_bits": quantized.value_bits}))
         # 2-D [N, blocks] scales: MatMulNBits takes them, and a table's Gather only needs an Unsqueeze.
         scales = self.w.weight(f"{out}.scales", packed.scales.reshape(n, blocks).astype(self.dtype))
         zeros = None if packed.zero_points is None else self.w.weight(f"{out}.qzeros", packed.zero_points)

@@ -40,7 +40,7 @@ class Linear(ctypes.Structure):
                 ("zero_terms", ctypes.c_void_p), ("offsets", ctypes.c_void_p), ("packed", ctypes.c_void_p), ("scale_format", ctypes.c_int32),
                 ("dense", ctypes.c_void_p), ("input_order", ctypes.c_void_p),
                 ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("bits", ctypes.c_int32), ("block", ctypes.c_int32),
-                ("dense_nk", ctypes.c_int32), ("offset_kind", ctypes.c_int32)]
+                ("dense_nk", ctypes.c_int32), ("offset_kind", ctypes.c_int32), ("stream_bits", ctypes.c_int32)]
 
 
 class Layer(ctypes.Structure):
@@ -54,6 +54,31 @@ class Model(ctypes.Structure):
     _fields_ += [(name, ctypes.c_float) for name in ("activation_param", "eps", "attention_scale", "embedding_scale")]
     _fields_ += [("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p), ("table", Linear), ("head", Linear),
                  ("final_norm", ctypes.c_void_p), ("layer", ctypes.POINTER(Layer))]
+
+
+SIX_BIT_OFFSET = 128 - 32  # an 8-bit code minus the 6-bit code of the same value (their middle codes)
+CONVERT_ROWS = 4096  # rows per pass of six_bit_blocks: bounds its temporaries
+
+
+def six_bit_blocks(codes: np.ndarray, name: str) -> np.ndarray:
+    """8-bit codes [n, blocks, block] holding 6-bit values -> the kernels' 6-bit blocks [n, blocks, 3 * block / 4]:
+    the values' low 4 bits as a 4-bit block, then their high 2 bits, byte i of each 4 for 16 values holding, from
+    bit 0 up, those of values 2i, 2i+1, 8+2i and 8+2i+1 (kernels.c, groups_avx2)."""
+    n, blocks, block = codes.shape
+    out = np.empty((n, blocks, block * 3 // 4), np.uint8)
+    for start in range(0, n, CONVERT_ROWS):
+        part = codes[start:start + CONVERT_ROWS]
+        if part.size and (part.min() < SIX_BIT_OFFSET or part.max() > SIX_BIT_OFFSET + 63):
+            raise KernelsUnavailable(f"{name} is recorded as 6-bit values but holds codes outside "
+                                     f"{SIX_BIT_OFFSET}..{SIX_BIT_OFFSET + 63}")
+        values = part - np.uint8(SIX_BIT_OFFSET)
+        low, high = values & 15, values >> 4
+        rows = out[start:start + CONVERT_ROWS]
+        rows[..., :block // 2] = low[..., 0::2] | (low[..., 1::2] << 4)
+        h = high.reshape(len(part), blocks, block // 16, 2, 4, 2)  # value 16*pair + 8*word + 2*i + p
+        rows[..., block // 2:] = (h[..., 0, :, 0] | (h[..., 0, :, 1] << 2) | (h[..., 1, :, 0] << 4)
+                                  | (h[..., 1, :, 1] << 6)).reshape(len(part), blocks, block // 4)
+    return out
 
 
 class _Weights:
@@ -83,8 +108,10 @@ class _Weights:
             self.keep.append(array)
         return array.ctypes.data
 
-    def linear(self, name: str, k: int, n: int, *, dense_nk: bool = False) -> Linear:
-        """`name` as the exporter wrote it: `{name}.qweight` etc. (MatMulNBits) or `{name}` (float)."""
+    def linear(self, name: str, k: int, n: int, *, dense_nk: bool = False, whole_items: bool = False) -> Linear:
+        """`name` as the exporter wrote it: `{name}.qweight` etc. (MatMulNBits) or `{name}` (float). `whole_items`:
+        the kernels split its rows only in whole 16-row items (the table, the head), the condition for streaming
+        8-bit codes that hold 6-bit values (`value_bits` 6) at 6 bits."""
         if name in self:
             shape = self.array(name).shape
             expected = (n, k) if dense_nk else (k, n)
@@ -119,7 +146,10 @@ class _Weights:
             zeros = unpack_low_first(self.array(f"{name}.qzeros").reshape(n, -1), entry["bits"], blocks)
             terms = (scales * ((1 << (entry["bits"] - 1)) - zeros.astype(np.float32))).astype(np.float32)
             offset_kind = OFFSETS_ZERO_POINTS
-        packed, scale_format = self._interleaved(self.array(codes), scales, terms)
+        stored, stream_bits = self.array(codes), entry["bits"]
+        if entry.get("value_bits") == 6 and entry["bits"] == 8 and whole_items and self.vectorised:
+            stored, stream_bits = six_bit_blocks(stored, codes), 6
+        packed, scale_format = self._interleaved(stored, scales, terms)
         if packed is not None and name != TABLE:
             self.release_pages(codes)  # read once: dropping them as we go bounds the peak at one copy plus a tensor
         self.streamed_bytes += packed.nbytes if packed is not None else self.array(codes).nbytes + scales.nbytes
@@ -136,7 +166,7 @@ class _Weights:
                       zero_points=self.pointer(f"{name}.qzeros") if f"{name}.qzeros" in self else 0,
                       zero_terms=loose_terms if offset_kind == OFFSETS_ZERO_POINTS else 0,
                       offsets=loose_terms if offset_kind == OFFSETS_FLOAT else 0,
-                      input_order=order, n=n, k=k, bits=entry["bits"], block=entry["block_size"])
+                      input_order=order, n=n, k=k, bits=entry["bits"], block=entry["block_size"], stream_bits=stream_bits)
 
     @staticmethod
     def scale_format(scales: np.ndarray, per_row_allowed: bool = True) -> int:
@@ -300,10 +330,10 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[
     if f"{TABLE}.block_offsets" in weights:
         raise KernelsUnavailable("an embedding table with float zero points")
     before_table = weights.streamed_bytes
-    table = weights.linear(TABLE, h, vocab, dense_nk=True) if TABLE in weights else weights.linear(TABLE, h, vocab)
+    table = weights.linear(TABLE, h, vocab, dense_nk=True) if TABLE in weights else weights.linear(TABLE, h, vocab, whole_items=True)
     if "lm_head" in weights or "lm_head.qweight" in weights:
         weights.streamed_bytes = before_table  # a step reads one row of a table that is not the head
-        head = weights.linear("lm_head", h, vocab)
+        head = weights.linear("lm_head", h, vocab, whole_items=True)
     else:
         head = table  # a tied head reading the table itself
     model = Model(

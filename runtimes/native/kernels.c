@@ -64,6 +64,9 @@ typedef struct {
     const int32_t *input_order; /* [k]: the input is gathered first (act-order GPTQ; quantized only), or NULL */
     int32_t n, k, bits, block, dense_nk;
     int32_t offset_kind; /* of `packed`: EC_OFFSETS_* */
+    /* of `packed`: `bits`, or 6 for 8-bit codes holding 6-bit values (per block: their low 4 bits as a 4-bit
+     * block, then their high 2 bits, see groups_avx2) */
+    int32_t stream_bits;
 } ec_linear;
 
 typedef struct {
@@ -94,7 +97,18 @@ typedef struct {
 } ec_act;
 
 static int bytes_per_block(const ec_linear *w) { return w->block * w->bits / 8; }
-static int chunk_bytes(const ec_linear *w) { int b = bytes_per_block(w); return b < EC_WORD ? b : EC_WORD; }
+static int chunk_bytes(int block, int bits) { int b = block * bits / 8; return b < EC_WORD ? b : EC_WORD; }
+
+/* The bits of the codes the kernels read: the interleaved copy's where the AVX2 kernels read it, else the stored. */
+static int read_bits(const ec_linear *w) {
+#ifdef EC_AVX2
+    if (w->packed) return w->stream_bits;
+#endif
+    return w->bits;
+}
+
+/* Activations follow the codes' bit-plane order; a 6-bit stream's is that of its 4-bit low plane. */
+static int plane_bits(int bits) { return bits == 6 ? 4 : bits; }
 
 #ifdef EC_AVX2
 /* per 16 values (one 128-bit lane): natural order -> bit-plane order of 2-, 4- and 8-bit words */
@@ -145,7 +159,8 @@ static void quantize(const ec_linear *w, const float *x_in, float *gathered, ec_
         x = gathered;
     }
     const int block = w->block, blocks = (w->k + block - 1) / block;
-    const int per = 8 / w->bits, chunk = chunk_bytes(w), span = chunk * per;
+    const int bits = read_bits(w), planes = plane_bits(bits);
+    const int per = 8 / planes, chunk = chunk_bytes(block, planes), span = chunk * per;
     float natural[1024];
     for (int b = 0; b < blocks; b++) {
         const int base = b * block, valid = w->k - base < block ? w->k - base : block;
@@ -154,7 +169,7 @@ static void quantize(const ec_linear *w, const float *x_in, float *gathered, ec_
         int32_t total = 0;
 #ifdef EC_AVX2
         if (valid == block && block % 32 == 0) {
-            total = quantize_block_avx2(x + base, block, w->bits, q, &amax, &exact);
+            total = quantize_block_avx2(x + base, block, planes, q, &amax, &exact);
         } else
 #endif
         {
@@ -175,7 +190,7 @@ static void quantize(const ec_linear *w, const float *x_in, float *gathered, ec_
         }
         const float d = amax / 127.f;
         a->scale[b] = d;
-        a->correction[b] = w->bits == 8 ? 0 : -(1 << (w->bits - 1)) * total;
+        a->correction[b] = bits == 8 ? 0 : -(1 << (bits - 1)) * total;
         a->sum[b] = d * (float)total;
         a->exact[b] = exact;
     }
@@ -185,7 +200,7 @@ static void quantize(const ec_linear *w, const float *x_in, float *gathered, ec_
 
 /* Integer dot of one block: codes as the kernel reads them (unsigned for 2/4 bits, code-128 for 8 bits). */
 static int32_t block_dot_portable(const ec_linear *w, const uint8_t *codes, const int8_t *q) {
-    const int per = 8 / w->bits, chunk = chunk_bytes(w), chunks = bytes_per_block(w) / chunk;
+    const int per = 8 / w->bits, chunk = chunk_bytes(w->block, w->bits), chunks = bytes_per_block(w) / chunk;
     const int mask = (1 << w->bits) - 1, base = w->bits == 8 ? 128 : 0;
     int32_t total = 0, idx = 0;
     for (int c = 0; c < chunks; c++)
@@ -239,20 +254,51 @@ static const float *offset_inputs(const ec_linear *w, const ec_act *a) {
     return w->offset_kind == EC_OFFSETS_ZERO_POINTS ? a->sum : a->exact;
 }
 
+/* Adds `words` 32-byte loads of `bits`-bit words (8 rows x one 4-byte word; from *codes, which moves past them) times
+ * their activations, from value `first` of each token's q on, into dot[group][token]: int16 pair sums, widened
+ * (times `weight`: 1, or 16 for a 6-bit stream's high plane) before they can overflow. A word adds at most
+ * 2*15*127 per plane pair at 4 bits (widened every 4 words), 2*762 + 2*762 at 2 bits (every 8); 8-bit pairs
+ * reach 32512 and are widened every word. */
+static inline __attribute__((always_inline)) void add_words(const int bits, const int pairs, const int tokens,
+                                                            const uint8_t **codes, size_t group_bytes, const ec_act *acts,
+                                                            int first, int words, __m256i weight,
+                                                            __m256i dot[2][EC_TOKENS]) {
+    const int per = 8 / bits, widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1;
+    for (int start = 0; start < words; start += widen_every) {
+        const int stop = start + widen_every < words ? start + widen_every : words;
+        __m256i sums[2][EC_TOKENS];
+        for (int g = 0; g < pairs; g++)
+            for (int t = 0; t < tokens; t++) sums[g][t] = _mm256_setzero_si256();
+        for (int word = start; word < stop; word++, *codes += 32) {
+            __m256i raw[2];
+            for (int g = 0; g < pairs; g++) raw[g] = _mm256_loadu_si256((const __m256i *)(*codes + g * group_bytes));
+            for (int t = 0; t < tokens; t++) {
+                const int8_t *q = acts[t].q + first + word * EC_WORD * per;
+                __m256i x[4];
+                for (int p = 0; p < per; p++) x[p] = broadcast_word(q + EC_WORD * p);
+                for (int g = 0; g < pairs; g++) sums[g][t] = _mm256_add_epi16(sums[g][t], word_dot(bits, raw[g], x));
+            }
+        }
+        for (int g = 0; g < pairs; g++)
+            for (int t = 0; t < tokens; t++) dot[g][t] = _mm256_add_epi32(dot[g][t], _mm256_madd_epi16(sums[g][t], weight));
+    }
+}
+
 /* `pairs` row groups of 8 rows from the interleaved copy against `tokens` tokens' activations (acts[t]; outputs
  * out + t * stride). A group is one sequential stream (prefetched EC_PREFETCH_BLOCKS ahead): its 8 rows' scales
- * and offsets (group_header_bytes), then per block `words` 32-byte loads of 8 rows x one 4-byte word, one row
- * per 32-bit lane. Lanes are rows, so a block ends with one convert and one fma per 8 rows; every load of codes
- * serves all tokens and every activation broadcast all groups. A decode step runs two groups for one token; a
- * prefill pass one group for up to EC_TOKENS tokens, with the same arithmetic per token, so its rows equal the
- * decode step's bit for bit. int16 sums are widened before they can overflow: a word adds at most 2*15*127 per
- * plane pair at 4 bits (4 words), 2*762 + 2*762 at 2 bits (8 words); 8-bit pairs reach 32512 and are widened
- * every word. */
+ * and offsets (group_header_bytes), then per block its words (add_words), one row per 32-bit lane. Lanes are rows,
+ * so a block ends with one convert and one fma per 8 rows; every load of codes serves all tokens and every
+ * activation broadcast all groups. A decode step runs two groups for one token; a prefill pass one group for up
+ * to EC_TOKENS tokens, with the same arithmetic per token, so its rows equal the decode step's bit for bit.
+ * A 6-bit block is its codes' low 4 bits as a 4-bit block (block/8 words, activations in that order) and then
+ * their high 2 bits as block/16 2-bit words, whose byte i of word h holds, from bit 0 up, those of values
+ * 16h+2i, 16h+2i+1, 16h+8+2i and 16h+8+2i+1: the planes of 4-bit words 2h and 2h+1, so the same activations
+ * serve both. */
 static inline __attribute__((always_inline)) void groups_avx2(const int bits, const int pairs, const int tokens,
                                                               const int scale_format, const ec_linear *w, int group,
                                                               const ec_act *acts, float *out, int stride, int count) {
-    const int blocks = (w->k + w->block - 1) / w->block, words = bytes_per_block(w) / EC_WORD, per = 8 / bits;
-    const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1, header = group_header_bytes(w, blocks);
+    const int blocks = (w->k + w->block - 1) / w->block, words = w->block * bits / 8 / EC_WORD;
+    const int header = group_header_bytes(w, blocks);
     const size_t group_bytes = header + (size_t)blocks * words * 32;
     const uint8_t *scales = w->packed + group * group_bytes, *codes = scales + header;
     const float *offsets = (const float *)(scales + scale_header_bytes(scale_format, blocks));
@@ -268,23 +314,11 @@ static inline __attribute__((always_inline)) void groups_avx2(const int bits, co
         __m256i dot[2][EC_TOKENS];
         for (int g = 0; g < pairs; g++)
             for (int t = 0; t < tokens; t++) dot[g][t] = _mm256_setzero_si256();
-        for (int start = 0; start < words; start += widen_every) {
-            const int stop = start + widen_every < words ? start + widen_every : words;
-            __m256i sums[2][EC_TOKENS];
-            for (int g = 0; g < pairs; g++)
-                for (int t = 0; t < tokens; t++) sums[g][t] = _mm256_setzero_si256();
-            for (int word = start; word < stop; word++, codes += 32) {
-                __m256i raw[2];
-                for (int g = 0; g < pairs; g++) raw[g] = _mm256_loadu_si256((const __m256i *)(codes + g * group_bytes));
-                for (int t = 0; t < tokens; t++) {
-                    const int8_t *q = acts[t].q + b * w->block + word * EC_WORD * per;
-                    __m256i x[4];
-                    for (int p = 0; p < per; p++) x[p] = broadcast_word(q + EC_WORD * p);
-                    for (int g = 0; g < pairs; g++) sums[g][t] = _mm256_add_epi16(sums[g][t], word_dot(bits, raw[g], x));
-                }
-            }
-            for (int g = 0; g < pairs; g++)
-                for (int t = 0; t < tokens; t++) dot[g][t] = _mm256_add_epi32(dot[g][t], _mm256_madd_epi16(sums[g][t], ones));
+        if (bits == 6) {
+            add_words(4, pairs, tokens, &codes, group_bytes, acts, b * w->block, w->block / 8, ones, dot);
+            add_words(2, pairs, tokens, &codes, group_bytes, acts, b * w->block, w->block / 16, _mm256_set1_epi16(16), dot);
+        } else {
+            add_words(bits, pairs, tokens, &codes, group_bytes, acts, b * w->block, words, ones, dot);
         }
         for (int g = 0; g < pairs; g++) {
             const uint8_t *own = scales + g * group_bytes;
@@ -317,16 +351,18 @@ static inline __attribute__((always_inline)) void groups_avx2(const int bits, co
         for (; r + 16 <= count; r += 16) groups_avx2(bits, 2, 1, format, w, (row + r) / 8, a, out + r, 0, 16);           \
         for (; r < count; r += 8) groups_avx2(bits, 1, 1, format, w, (row + r) / 8, a, out + r, 0, count - r);             \
     }
-#define EC_ROW_KERNELS_ALL_BITS(format) EC_ROW_KERNELS(2, format) EC_ROW_KERNELS(4, format) EC_ROW_KERNELS(8, format)
+#define EC_ROW_KERNELS_ALL_BITS(format) \
+    EC_ROW_KERNELS(2, format) EC_ROW_KERNELS(4, format) EC_ROW_KERNELS(6, format) EC_ROW_KERNELS(8, format)
 EC_ROW_KERNELS_ALL_BITS(0) /* EC_SCALES_FP32 */
 EC_ROW_KERNELS_ALL_BITS(1) /* EC_SCALES_FP16 */
 EC_ROW_KERNELS_ALL_BITS(2) /* EC_SCALES_PER_ROW */
 
 typedef void (*ec_rows_kernel)(const ec_linear *, int, int, const ec_act *, float *);
 static ec_rows_kernel rows_kernel(const ec_linear *w) {
-    static const ec_rows_kernel kernels[3][3] = {
-        {rows_2_0, rows_4_0, rows_8_0}, {rows_2_1, rows_4_1, rows_8_1}, {rows_2_2, rows_4_2, rows_8_2}};
-    return kernels[w->scale_format][w->bits == 2 ? 0 : w->bits == 4 ? 1 : 2];
+    static const ec_rows_kernel kernels[3][4] = {{rows_2_0, rows_4_0, rows_6_0, rows_8_0},
+                                                 {rows_2_1, rows_4_1, rows_6_1, rows_8_1},
+                                                 {rows_2_2, rows_4_2, rows_6_2, rows_8_2}};
+    return kernels[w->scale_format][w->stream_bits / 2 - 1];
 }
 
 /* Prefill: one group, up to EC_TOKENS tokens at a time. */
@@ -340,20 +376,25 @@ static ec_rows_kernel rows_kernel(const ec_linear *w) {
         default: groups_avx2(bits, 1, 4, format, w, group, acts, out, stride, count); break;                            \
         }                                                                                                                 \
     }
-#define EC_TOKEN_KERNELS_ALL_BITS(format) EC_TOKEN_KERNELS(2, format) EC_TOKEN_KERNELS(4, format) EC_TOKEN_KERNELS(8, format)
+#define EC_TOKEN_KERNELS_ALL_BITS(format) \
+    EC_TOKEN_KERNELS(2, format) EC_TOKEN_KERNELS(4, format) EC_TOKEN_KERNELS(6, format) EC_TOKEN_KERNELS(8, format)
 EC_TOKEN_KERNELS_ALL_BITS(0)
 EC_TOKEN_KERNELS_ALL_BITS(1)
 EC_TOKEN_KERNELS_ALL_BITS(2)
 
 typedef void (*ec_tokens_kernel)(const ec_linear *, int, const ec_act *, int, float *, int, int);
 static ec_tokens_kernel tokens_kernel(const ec_linear *w) {
-    static const ec_tokens_kernel kernels[3][3] = {{tokens_2_0, tokens_4_0, tokens_8_0}, {tokens_2_1, tokens_4_1, tokens_8_1},
-                                                   {tokens_2_2, tokens_4_2, tokens_8_2}};
-    return kernels[w->scale_format][w->bits == 2 ? 0 : w->bits == 4 ? 1 : 2];
+    static const ec_tokens_kernel kernels[3][4] = {{tokens_2_0, tokens_4_0, tokens_6_0, tokens_8_0},
+                                                   {tokens_2_1, tokens_4_1, tokens_6_1, tokens_8_1},
+                                                   {tokens_2_2, tokens_4_2, tokens_6_2, tokens_8_2}};
+    return kernels[w->scale_format][w->stream_bits / 2 - 1];
 }
 
+/* Rows the AVX2 kernels compute; others take the portable path over the stored codes, with activations in the same
+ * order (2/4/8-bit streams keep the stored words' order; 6-bit streams are made only for linears split in whole
+ * 16-row items, so every row is covered). */
 static int avx2_covers(const ec_linear *w, int row) {
-    return w->packed && row % 8 == 0 && bytes_per_block(w) % EC_WORD == 0;
+    return w->packed && row % 8 == 0 && w->block * w->stream_bits / 8 % EC_WORD == 0;
 }
 #endif
 
