@@ -70,10 +70,12 @@ ENGINES: dict[str, dict[str, EngineFn]] = {
         "edgecpm-int4-rtn": edgecpm_int4("int4-rtn", method="rtn"),
         # ... and the same bundle decoded by its onnxruntime graph
         "edgecpm-int4-rtn-onnxruntime": edgecpm_int4("int4-rtn", load_options={"kernels": "onnxruntime"}, method="rtn"),
+        # the tables at int8 (the default before int6)
+        "edgecpm-int4-rtn-int8-tables": edgecpm_int4("int4-rtn-int8-tables", method="rtn", lm_head="int8", embeddings="int8"),
         # onnxruntime-genai's own layout: the embedding table and LM head at int4 too
         "edgecpm-int4-rtn-int4-head": edgecpm_int4("int4-rtn-int4-head", method="rtn", lm_head="int4", embeddings="int4"),
         "edgecpm-int4-gptq": edgecpm_int4("int4-gptq", method="gptq"),
-        # GPTQ decoder and a GPTQ-calibrated int4 head stored apart from the int8 embedding table
+        # GPTQ decoder and a GPTQ-calibrated int4 head stored apart from the int6 embedding table
         "edgecpm-int4-gptq-int4-head": edgecpm_int4("int4-gptq-int4-head", method="gptq", lm_head="int4"),
         "edgecpm-int4-gptq-b64": edgecpm_int4("int4-gptq-b64", method="gptq", block_size=64),
     },

@@ -37,10 +37,8 @@ ROWS = {
     "int4-rtn-int4-tables": ["--quant", "int4", "--method", "rtn", "--lm-head", "int4", "--embeddings", "int4"],
     "int4-gptq-int4-head": ["--quant", "int4", "--method", "gptq", "--lm-head", "int4"],
     "int4-gptq-int4-tables": ["--quant", "int4", "--method", "gptq", "--lm-head", "int4", "--embeddings", "int4"],
-    "int4-rtn-int6-tables": ["--quant", "int4", "--method", "rtn", "--lm-head", "int6", "--embeddings", "int6"],
-    "int4-gptq-int6-tables": ["--quant", "int4", "--method", "gptq", "--lm-head", "int6", "--embeddings", "int6"],
-    "int4-gptq-int6-head": ["--quant", "int4", "--method", "gptq", "--lm-head", "int6"],
-    "int4-gptq-int6-embeddings": ["--quant", "int4", "--method", "gptq", "--embeddings", "int6"],
+    "int4-rtn-int8-tables": ["--quant", "int4", "--method", "rtn", "--lm-head", "int8", "--embeddings", "int8"],
+    "int4-gptq-int8-tables": ["--quant", "int4", "--method", "gptq", "--lm-head", "int8", "--embeddings", "int8"],
     "int4-source": ["--quant", "int4"],
     "ternary": ["--quant", "ternary"],
 }

@@ -21,6 +21,7 @@ from edgecpm.export import export_checkpoint
 from edgecpm.quant.plan import QuantizationWarning
 from edgecpm.quant.spec import QuantSpec
 from edgecpm.runtimes.native import load_library
+from edgecpm.runtimes.native import decoder as native_decoder_module
 from edgecpm.runtimes.native.decoder import OFFSETS_FLOAT, OFFSETS_ZERO_POINTS, SCALES_FP16, SCALES_PER_ROW
 from edgecpm.runtimes.onnxruntime import load_backend
 from gptq_writer import write_gptq_checkpoint
@@ -140,6 +141,29 @@ def test_six_bit_tables_stream_at_six_bits_with_the_eight_bit_results(workdir, k
     assert "holds codes outside 96..159" in load_backend(lying).native_unavailable
     with pytest.raises(BundleError, match="recorded as 6-bit values"):
         load_backend(lying, kernels="native")
+
+
+@needs_kernels
+def test_vnni_dot_products_are_avx2s_bit_for_bit(workdir, monkeypatch):
+    """Where the CPU has VNNI the kernels sum u8 x s8 products straight into int32; the same bundles built without
+    it (AVX2 maddubs into int16) give the same logits bit for bit, every bit width included (int4 with int6
+    tables, int8, ternary: 4-, 6-, 8- and 2-bit streams)."""
+    if load_library().ec_vectorised() < 2:
+        pytest.skip("this CPU has no VNNI dot products (the AVX2 path is what every other test runs)")
+    avx2 = load_library(("-mno-avxvnni", "-mno-avx512vnni"))
+    assert avx2.ec_vectorised() == 1
+    for scheme in ("int4", "int8", "ternary"):
+        bundle = bundle_of(workdir, ("minicpm", "untied"), scheme)
+        vnni_backend = load_backend(bundle, kernels="native")
+        with monkeypatch.context() as patch:
+            patch.setattr(native_decoder_module, "load_library", lambda: avx2)
+            avx2_backend = load_backend(bundle, kernels="native")
+        logits = vnni_backend.prefill(PROMPT)
+        np.testing.assert_array_equal(logits, avx2_backend.prefill(PROMPT))
+        for _ in range(5):
+            token = int(logits.argmax())
+            logits = vnni_backend.decode(token)
+            np.testing.assert_array_equal(logits, avx2_backend.decode(token))
 
 
 @needs_kernels

@@ -51,18 +51,20 @@ def _compiler() -> str:
 
 
 @cache
-def load_library() -> ctypes.CDLL:
+def load_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The kernels for this CPU; `extra_flags` (e.g. ("-mno-avxvnni", "-mno-avx512vnni")) build a variant."""
     try:
-        return _build_and_load()
+        return _build_and_load(list(extra_flags))
     except OSError as error:  # unwritable cache directory, a library the loader refuses
         raise KernelsUnavailable(f"native kernels: {error}") from None
 
 
-def _build_and_load() -> ctypes.CDLL:
+def _build_and_load(extra_flags: list[str]) -> ctypes.CDLL:
     compiler = _compiler()
     source = SOURCE.read_bytes()
     errors = []
     for flags in FLAG_SETS:
+        flags = flags + extra_flags
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), platform.machine().encode(),
                                          _cpu_features().encode()])).hexdigest()[:16]
         target = cache_dir() / f"kernels-{key}.so"

@@ -31,6 +31,15 @@ static inline float hsum(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+/* u8 x s8 products summed by four into int32 lanes in one instruction (AVX-VNNI, AVX512-VNNI), where AVX2 needs a
+ * maddubs into int16 and a widening madd */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define EC_VNNI 1
+#define dpbusd(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#elif defined(__AVXVNNI__)
+#define EC_VNNI 1
+#define dpbusd(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#endif
 #endif
 
 #define EC_WORD 4 /* bytes of one row's codes per 32-bit lane */
@@ -237,6 +246,35 @@ static inline __attribute__((always_inline)) __m256i word_dot(const int bits, __
                             _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), mask), x[1]));
 }
 
+#ifdef EC_VNNI
+/* word_dot's integer sums, added straight into int32 lanes. Planes of 2-bit words are moved to bits 0-1, or to
+ * bits 4-5 for a 6-bit stream's high plane (`high`: worth 16 of the low plane's units). */
+static inline __attribute__((always_inline)) __m256i word_dot_vnni(const int bits, const int high, __m256i raw,
+                                                                   const __m256i *x, __m256i acc) {
+    if (bits == 8) {
+        const __m256i codes = _mm256_xor_si256(raw, _mm256_set1_epi8((char)0x80)); /* code - 128 */
+        return dpbusd(acc, _mm256_abs_epi8(codes), _mm256_sign_epi8(x[0], codes));
+    }
+    if (bits == 4) {
+        const __m256i mask = _mm256_set1_epi8(0x0F);
+        acc = dpbusd(acc, _mm256_and_si256(raw, mask), x[0]);
+        return dpbusd(acc, _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask), x[1]);
+    }
+    if (high) {
+        const __m256i mask = _mm256_set1_epi8(0x30);
+        acc = dpbusd(acc, _mm256_and_si256(_mm256_slli_epi16(raw, 4), mask), x[0]);
+        acc = dpbusd(acc, _mm256_and_si256(_mm256_slli_epi16(raw, 2), mask), x[1]);
+        acc = dpbusd(acc, _mm256_and_si256(raw, mask), x[2]);
+        return dpbusd(acc, _mm256_and_si256(_mm256_srli_epi16(raw, 2), mask), x[3]);
+    }
+    const __m256i mask = _mm256_set1_epi8(0x03);
+    acc = dpbusd(acc, _mm256_and_si256(raw, mask), x[0]);
+    acc = dpbusd(acc, _mm256_and_si256(_mm256_srli_epi16(raw, 2), mask), x[1]);
+    acc = dpbusd(acc, _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask), x[2]);
+    return dpbusd(acc, _mm256_and_si256(_mm256_srli_epi16(raw, 6), mask), x[3]);
+}
+#endif
+
 /* Bytes of a group's scales, padded to whole 32-byte lines. */
 static int scale_header_bytes(int scale_format, int blocks) {
     if (scale_format == EC_SCALES_PER_ROW) return 32;
@@ -255,15 +293,29 @@ static const float *offset_inputs(const ec_linear *w, const ec_act *a) {
 }
 
 /* Adds `words` 32-byte loads of `bits`-bit words (8 rows x one 4-byte word; from *codes, which moves past them) times
- * their activations, from value `first` of each token's q on, into dot[group][token]: int16 pair sums, widened
- * (times `weight`: 1, or 16 for a 6-bit stream's high plane) before they can overflow. A word adds at most
- * 2*15*127 per plane pair at 4 bits (widened every 4 words), 2*762 + 2*762 at 2 bits (every 8); 8-bit pairs
- * reach 32512 and are widened every word. */
+ * their activations, from value `first` of each token's q on, into dot[group][token], the 2-bit words times 16
+ * for a 6-bit stream's high plane (`high`). With VNNI straight into int32; with AVX2 as int16 pair sums, widened
+ * before they can overflow: a word adds at most 2*15*127 per plane pair at 4 bits (widened every 4 words),
+ * 2*762 + 2*762 at 2 bits (every 8); 8-bit pairs reach 32512 and are widened every word. */
 static inline __attribute__((always_inline)) void add_words(const int bits, const int pairs, const int tokens,
                                                             const uint8_t **codes, size_t group_bytes, const ec_act *acts,
-                                                            int first, int words, __m256i weight,
+                                                            int first, int words, const int high,
                                                             __m256i dot[2][EC_TOKENS]) {
-    const int per = 8 / bits, widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1;
+    const int per = 8 / bits;
+#ifdef EC_VNNI
+    for (int word = 0; word < words; word++, *codes += 32) {
+        __m256i raw[2];
+        for (int g = 0; g < pairs; g++) raw[g] = _mm256_loadu_si256((const __m256i *)(*codes + g * group_bytes));
+        for (int t = 0; t < tokens; t++) {
+            const int8_t *q = acts[t].q + first + word * EC_WORD * per;
+            __m256i x[4];
+            for (int p = 0; p < per; p++) x[p] = broadcast_word(q + EC_WORD * p);
+            for (int g = 0; g < pairs; g++) dot[g][t] = word_dot_vnni(bits, high, raw[g], x, dot[g][t]);
+        }
+    }
+#else
+    const int widen_every = bits == 4 ? 4 : bits == 2 ? 8 : 1;
+    const __m256i weight = _mm256_set1_epi16(high ? 16 : 1);
     for (int start = 0; start < words; start += widen_every) {
         const int stop = start + widen_every < words ? start + widen_every : words;
         __m256i sums[2][EC_TOKENS];
@@ -282,6 +334,7 @@ static inline __attribute__((always_inline)) void add_words(const int bits, cons
         for (int g = 0; g < pairs; g++)
             for (int t = 0; t < tokens; t++) dot[g][t] = _mm256_add_epi32(dot[g][t], _mm256_madd_epi16(sums[g][t], weight));
     }
+#endif
 }
 
 /* `pairs` row groups of 8 rows from the interleaved copy against `tokens` tokens' activations (acts[t]; outputs
@@ -302,7 +355,6 @@ static inline __attribute__((always_inline)) void groups_avx2(const int bits, co
     const size_t group_bytes = header + (size_t)blocks * words * 32;
     const uint8_t *scales = w->packed + group * group_bytes, *codes = scales + header;
     const float *offsets = (const float *)(scales + scale_header_bytes(scale_format, blocks));
-    const __m256i ones = _mm256_set1_epi16(1);
     const size_t ahead = (size_t)EC_PREFETCH_BLOCKS * words * 32;
     __m256 acc[2][EC_TOKENS];
     for (int g = 0; g < pairs; g++)
@@ -315,10 +367,10 @@ static inline __attribute__((always_inline)) void groups_avx2(const int bits, co
         for (int g = 0; g < pairs; g++)
             for (int t = 0; t < tokens; t++) dot[g][t] = _mm256_setzero_si256();
         if (bits == 6) {
-            add_words(4, pairs, tokens, &codes, group_bytes, acts, b * w->block, w->block / 8, ones, dot);
-            add_words(2, pairs, tokens, &codes, group_bytes, acts, b * w->block, w->block / 16, _mm256_set1_epi16(16), dot);
+            add_words(4, pairs, tokens, &codes, group_bytes, acts, b * w->block, w->block / 8, 0, dot);
+            add_words(2, pairs, tokens, &codes, group_bytes, acts, b * w->block, w->block / 16, 1, dot);
         } else {
-            add_words(bits, pairs, tokens, &codes, group_bytes, acts, b * w->block, words, ones, dot);
+            add_words(bits, pairs, tokens, &codes, group_bytes, acts, b * w->block, words, 0, dot);
         }
         for (int g = 0; g < pairs; g++) {
             const uint8_t *own = scales + g * group_bytes;
@@ -889,8 +941,11 @@ ec_state *ec_state_new(const ec_model *m) {
 
 /* 1 when the vectorised kernels were compiled in (AVX2 + FMA); the portable C path alone is slower than
  * onnxruntime's own kernels, so `auto` does not pick it. */
+/* 0: portable C; 1: AVX2; 2: AVX2 with VNNI dot products */
 int ec_vectorised(void) {
-#ifdef EC_AVX2
+#if defined(EC_VNNI)
+    return 2;
+#elif defined(EC_AVX2)
     return 1;
 #else
     return 0;
