@@ -59,8 +59,10 @@ ENGINES: dict[str, dict[str, EngineFn]] = {
         "onnxruntime-genai-fp32": peers.run_ortgenai_fp32,
         "llama.cpp-f32": peers.run_llama_cpp_f32,
         "edgecpm-fp32-ort": peer_engine("fp32-ort", flavour="ort", dtype="fp32"),
-        # the same bundle decoded by edgecpm's kernels, which share the weights with onnxruntime's (unpacked) prefill
-        "edgecpm-fp32-ort-native": peer_engine("fp32-ort", load_options={"kernels": "native"}, flavour="ort", dtype="fp32"),
+        # the same bundle all on onnxruntime (prepacked weights: faster prefill, a second copy of the weights); the
+        # default decodes on edgecpm's kernels, which share the weights with onnxruntime's (unpacked) prefill
+        "edgecpm-fp32-ort-onnxruntime": peer_engine("fp32-ort", load_options={"kernels": "onnxruntime"}, flavour="ort",
+                                                    dtype="fp32"),
         "edgecpm-fp32-standard": peer_engine("fp32-standard", flavour="standard", dtype="fp32"),
     },
     "int4": {

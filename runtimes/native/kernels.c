@@ -8,7 +8,7 @@
  *
  * Why a kernel of our own: a decode step is ~300 tiny onnxruntime ops, each paying a dispatch and a thread
  * pool round trip; here a layer costs five barriers. Linears quantize their input to int8 per weight block
- * (what MatMulNBits' accuracy level 4 does) and run integer dot products (AVX2 maddubs, portable C
+ * (what MatMulNBits' accuracy level 4 does) and run integer dot products (AVX2 maddubs, VNNI dpbusd, portable C
  * elsewhere). Codes keep their stored bit order: the activations are permuted once per linear into the
  * bit-plane order in which the codes come out of a 4-byte word, so no code is ever shuffled.
  */
