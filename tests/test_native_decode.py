@@ -144,26 +144,29 @@ def test_six_bit_tables_stream_at_six_bits_with_the_eight_bit_results(workdir, k
 
 
 @needs_kernels
-def test_vnni_dot_products_are_avx2s_bit_for_bit(workdir, monkeypatch):
-    """Where the CPU has VNNI the kernels sum u8 x s8 products straight into int32; the same bundles built without
-    it (AVX2 maddubs into int16) give the same logits bit for bit, every bit width included (int4 with int6
-    tables, int8, ternary: 4-, 6-, 8- and 2-bit streams)."""
-    if load_library().ec_vectorised() < 2:
+def test_vnni_and_512_bit_kernels_are_avx2s_bit_for_bit(workdir, monkeypatch):
+    """Where the CPU has VNNI the kernels sum u8 x s8 products straight into int32 (with AVX-512, two words per
+    64-byte load); builds without those (AVX2 maddubs into int16) give the same logits bit for bit, every bit width
+    included (int4 with int6 tables, int8, ternary: 4-, 6-, 8- and 2-bit streams)."""
+    level = load_library().ec_vectorised()
+    if level < 2:
         pytest.skip("this CPU has no VNNI dot products (the AVX2 path is what every other test runs)")
-    avx2 = load_library(("-mno-avxvnni", "-mno-avx512vnni"))
-    assert avx2.ec_vectorised() == 1
+    narrower = [(("-mno-avxvnni", "-mno-avx512vnni"), 1)] + ([(("-mno-avx512vnni",), 2)] if level == 3 else [])
     for scheme in ("int4", "int8", "ternary"):
         bundle = bundle_of(workdir, ("minicpm", "untied"), scheme)
-        vnni_backend = load_backend(bundle, kernels="native")
-        with monkeypatch.context() as patch:
-            patch.setattr(native_decoder_module, "load_library", lambda: avx2)
-            avx2_backend = load_backend(bundle, kernels="native")
-        logits = vnni_backend.prefill(PROMPT)
-        np.testing.assert_array_equal(logits, avx2_backend.prefill(PROMPT))
-        for _ in range(5):
-            token = int(logits.argmax())
-            logits = vnni_backend.decode(token)
-            np.testing.assert_array_equal(logits, avx2_backend.decode(token))
+        for flags, narrower_level in narrower:
+            library = load_library(flags)
+            assert library.ec_vectorised() == narrower_level
+            default_backend = load_backend(bundle, kernels="native")
+            with monkeypatch.context() as patch:
+                patch.setattr(native_decoder_module, "load_library", lambda library=library: library)
+                narrower_backend = load_backend(bundle, kernels="native")
+            logits = default_backend.prefill(PROMPT)
+            np.testing.assert_array_equal(logits, narrower_backend.prefill(PROMPT))
+            for _ in range(5):
+                token = int(logits.argmax())
+                logits = default_backend.decode(token)
+                np.testing.assert_array_equal(logits, narrower_backend.decode(token))
 
 
 @needs_kernels

@@ -40,6 +40,10 @@ static inline float hsum(__m256 v) {
 #define EC_VNNI 1
 #define dpbusd(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
 #endif
+/* AVX-512: two consecutive words of a group (64 contiguous bytes) per load, which streams from memory faster */
+#if defined(EC_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define EC_VNNI512 1
+#endif
 #endif
 
 #define EC_WORD 4 /* bytes of one row's codes per 32-bit lane */
@@ -275,6 +279,37 @@ static inline __attribute__((always_inline)) __m256i word_dot_vnni(const int bit
 }
 #endif
 
+#ifdef EC_VNNI512
+/* word_dot_vnni on two words at once (2- and 4-bit planes): lanes 0-7 the first word's rows, 8-15 the second's */
+static inline __attribute__((always_inline)) __m512i word_pair_dot(const int bits, const int high, __m512i raw,
+                                                                   const __m512i *x, __m512i acc) {
+    if (bits == 4) {
+        const __m512i mask = _mm512_set1_epi8(0x0F);
+        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(raw, mask), x[0]);
+        return _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask), x[1]);
+    }
+    if (high) {
+        const __m512i mask = _mm512_set1_epi8(0x30);
+        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_slli_epi16(raw, 4), mask), x[0]);
+        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_slli_epi16(raw, 2), mask), x[1]);
+        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(raw, mask), x[2]);
+        return _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(raw, 2), mask), x[3]);
+    }
+    const __m512i mask = _mm512_set1_epi8(0x03);
+    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(raw, mask), x[0]);
+    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(raw, 2), mask), x[1]);
+    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask), x[2]);
+    return _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(raw, 6), mask), x[3]);
+}
+
+static inline __m512i broadcast_word_pair(const int8_t *first, const int8_t *second) {
+    int32_t a, b;
+    memcpy(&a, first, sizeof(a));
+    memcpy(&b, second, sizeof(b));
+    return _mm512_inserti64x4(_mm512_set1_epi32(a), _mm256_set1_epi32(b), 1);
+}
+#endif
+
 /* Bytes of a group's scales, padded to whole 32-byte lines. */
 static int scale_header_bytes(int scale_format, int blocks) {
     if (scale_format == EC_SCALES_PER_ROW) return 32;
@@ -303,7 +338,29 @@ static inline __attribute__((always_inline)) void add_words(const int bits, cons
                                                             __m256i dot[2][EC_TOKENS]) {
     const int per = 8 / bits;
 #ifdef EC_VNNI
-    for (int word = 0; word < words; word++, *codes += 32) {
+    int word = 0;
+#ifdef EC_VNNI512
+    if (bits != 8) {
+        __m512i wide[2][EC_TOKENS];
+        for (int g = 0; g < pairs; g++)
+            for (int t = 0; t < tokens; t++) wide[g][t] = _mm512_setzero_si512();
+        for (; word + 2 <= words; word += 2, *codes += 64) {
+            __m512i raw[2];
+            for (int g = 0; g < pairs; g++) raw[g] = _mm512_loadu_si512((const void *)(*codes + g * group_bytes));
+            for (int t = 0; t < tokens; t++) {
+                const int8_t *q = acts[t].q + first + word * EC_WORD * per;
+                __m512i x[4];
+                for (int p = 0; p < per; p++) x[p] = broadcast_word_pair(q + EC_WORD * p, q + EC_WORD * (per + p));
+                for (int g = 0; g < pairs; g++) wide[g][t] = word_pair_dot(bits, high, raw[g], x, wide[g][t]);
+            }
+        }
+        for (int g = 0; g < pairs; g++)
+            for (int t = 0; t < tokens; t++)
+                dot[g][t] = _mm256_add_epi32(dot[g][t], _mm256_add_epi32(_mm512_castsi512_si256(wide[g][t]),
+                                                                          _mm512_extracti64x4_epi64(wide[g][t], 1)));
+    }
+#endif
+    for (; word < words; word++, *codes += 32) {
         __m256i raw[2];
         for (int g = 0; g < pairs; g++) raw[g] = _mm256_loadu_si256((const __m256i *)(*codes + g * group_bytes));
         for (int t = 0; t < tokens; t++) {
@@ -941,9 +998,11 @@ ec_state *ec_state_new(const ec_model *m) {
 
 /* 1 when the vectorised kernels were compiled in (AVX2 + FMA); the portable C path alone is slower than
  * onnxruntime's own kernels, so `auto` does not pick it. */
-/* 0: portable C; 1: AVX2; 2: AVX2 with VNNI dot products */
+/* 0: portable C; 1: AVX2; 2: AVX2 with VNNI dot products; 3: and 512-bit loads for 2-, 4- and 6-bit codes */
 int ec_vectorised(void) {
-#if defined(EC_VNNI)
+#if defined(EC_VNNI512)
+    return 3;
+#elif defined(EC_VNNI)
     return 2;
 #elif defined(EC_AVX2)
     return 1;
