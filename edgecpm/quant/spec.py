@@ -51,7 +51,7 @@ class QuantSpec:
     # lm_head and the embedding table are a large share of the bytes read per token on small models (on
     # MiniCPM4-0.5B the tied head is a fifth of the weights). "auto": int8 under int8 weights, else int6 (llama.cpp's
     # Q4_K_M keeps its output matrix at 6 bits too): on SmolLM2 with GPTQ int4, +7.5% perplexity against int8's
-    # +6.5% and int4's +10.5%, for three quarters of int8's bytes per token (docs/QUANTIZATION.md).
+    # +6.5% and int4's +10.8%, for three quarters of int8's bytes per token (docs/QUANTIZATION.md).
     lm_head: str = AUTO_TABLE
     embeddings: str = AUTO_TABLE
     overrides: dict[str, str] = field(default_factory=dict)
