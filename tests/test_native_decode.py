@@ -107,6 +107,16 @@ def test_native_decode_matches_onnxruntime(workdir, key, scheme):
     assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= FP32_ATOL
 
 
+def assert_same_logits(a, b, steps: int = DECODE_STEPS) -> None:
+    """Two backends give bit-identical prefill logits for PROMPT and then decode logits over `steps` greedy tokens."""
+    logits = a.prefill(PROMPT)
+    np.testing.assert_array_equal(logits, b.prefill(PROMPT))
+    for _ in range(steps):
+        token = int(logits.argmax())
+        logits = a.decode(token)
+        np.testing.assert_array_equal(logits, b.decode(token))
+
+
 def with_tensor_entries(bundle: Path, copy: Path, change) -> Path:
     """A copy of `bundle` (its files linked) whose manifest has every tensor index entry passed through change()."""
     shutil.copytree(bundle, copy, copy_function=lambda source, target: Path(target).symlink_to(Path(source).resolve()))
@@ -130,12 +140,7 @@ def test_six_bit_tables_stream_at_six_bits_with_the_eight_bit_results(workdir, k
     six, eight = (load_backend(b, kernels="native") for b in (bundle, eight_bit))
     assert (six.native._model.head.stream_bits, eight.native._model.head.stream_bits) == (6, 8)
     assert six.native.streamed_bytes < eight.native.streamed_bytes
-    logits = six.prefill(PROMPT)
-    np.testing.assert_array_equal(logits, eight.prefill(PROMPT))
-    for _ in range(DECODE_STEPS):
-        token = int(logits.argmax())
-        logits = six.decode(token)
-        np.testing.assert_array_equal(logits, eight.decode(token))
+    assert_same_logits(six, eight)
     lying = with_tensor_entries(bundle_of(workdir, key, "int8"), workdir / f"{bundle.name}-lying",
                                 lambda entry: entry.update(value_bits=6) if entry.get("bits") == 8 else None)
     assert "holds codes outside 96..159" in load_backend(lying).native_unavailable
@@ -161,12 +166,7 @@ def test_vnni_and_512_bit_kernels_are_avx2s_bit_for_bit(workdir, monkeypatch):
             with monkeypatch.context() as patch:
                 patch.setattr(native_decoder_module, "load_library", lambda library=library: library)
                 narrower_backend = load_backend(bundle, kernels="native")
-            logits = default_backend.prefill(PROMPT)
-            np.testing.assert_array_equal(logits, narrower_backend.prefill(PROMPT))
-            for _ in range(5):
-                token = int(logits.argmax())
-                logits = default_backend.decode(token)
-                np.testing.assert_array_equal(logits, narrower_backend.decode(token))
+            assert_same_logits(default_backend, narrower_backend, steps=5)
 
 
 @needs_kernels

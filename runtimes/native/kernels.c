@@ -251,55 +251,48 @@ static inline __attribute__((always_inline)) __m256i word_dot(const int bits, __
 }
 
 #ifdef EC_VNNI
-/* word_dot's integer sums, added straight into int32 lanes. Planes of 2-bit words are moved to bits 0-1, or to
- * bits 4-5 for a 6-bit stream's high plane (`high`: worth 16 of the low plane's units). */
+/* The 2- or 4-bit planes of one load times their activations, added straight into int32 lanes; one body for 256-bit
+ * vectors (one word per load) and 512-bit ones (two words: lanes 0-7 the first word's rows, 8-15 the second's).
+ * Planes of 2-bit words are moved to bits 0-1, or to bits 4-5 for a 6-bit stream's high plane (`high`: worth 16
+ * of the low plane's units). */
+#define EC_PLANE_DOT(name, V, set1_epi8, and_v, srli_epi16, slli_epi16, dot_u8s8)                                      \
+    static inline __attribute__((always_inline)) V name(const int bits, const int high, V raw, const V *x, V acc) {    \
+        if (bits == 4) {                                                                                                \
+            const V mask = set1_epi8(0x0F);                                                                             \
+            acc = dot_u8s8(acc, and_v(raw, mask), x[0]);                                                                \
+            return dot_u8s8(acc, and_v(srli_epi16(raw, 4), mask), x[1]);                                                \
+        }                                                                                                               \
+        if (high) {                                                                                                     \
+            const V mask = set1_epi8(0x30);                                                                             \
+            acc = dot_u8s8(acc, and_v(slli_epi16(raw, 4), mask), x[0]);                                                 \
+            acc = dot_u8s8(acc, and_v(slli_epi16(raw, 2), mask), x[1]);                                                 \
+            acc = dot_u8s8(acc, and_v(raw, mask), x[2]);                                                                \
+            return dot_u8s8(acc, and_v(srli_epi16(raw, 2), mask), x[3]);                                                \
+        }                                                                                                               \
+        const V mask = set1_epi8(0x03);                                                                                 \
+        acc = dot_u8s8(acc, and_v(raw, mask), x[0]);                                                                    \
+        acc = dot_u8s8(acc, and_v(srli_epi16(raw, 2), mask), x[1]);                                                     \
+        acc = dot_u8s8(acc, and_v(srli_epi16(raw, 4), mask), x[2]);                                                     \
+        return dot_u8s8(acc, and_v(srli_epi16(raw, 6), mask), x[3]);                                                    \
+    }
+EC_PLANE_DOT(plane_dot, __m256i, _mm256_set1_epi8, _mm256_and_si256, _mm256_srli_epi16, _mm256_slli_epi16, dpbusd)
+
+/* word_dot's integer sums, added straight into int32 lanes */
 static inline __attribute__((always_inline)) __m256i word_dot_vnni(const int bits, const int high, __m256i raw,
                                                                    const __m256i *x, __m256i acc) {
-    if (bits == 8) {
-        const __m256i codes = _mm256_xor_si256(raw, _mm256_set1_epi8((char)0x80)); /* code - 128 */
-        return dpbusd(acc, _mm256_abs_epi8(codes), _mm256_sign_epi8(x[0], codes));
-    }
-    if (bits == 4) {
-        const __m256i mask = _mm256_set1_epi8(0x0F);
-        acc = dpbusd(acc, _mm256_and_si256(raw, mask), x[0]);
-        return dpbusd(acc, _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask), x[1]);
-    }
-    if (high) {
-        const __m256i mask = _mm256_set1_epi8(0x30);
-        acc = dpbusd(acc, _mm256_and_si256(_mm256_slli_epi16(raw, 4), mask), x[0]);
-        acc = dpbusd(acc, _mm256_and_si256(_mm256_slli_epi16(raw, 2), mask), x[1]);
-        acc = dpbusd(acc, _mm256_and_si256(raw, mask), x[2]);
-        return dpbusd(acc, _mm256_and_si256(_mm256_srli_epi16(raw, 2), mask), x[3]);
-    }
-    const __m256i mask = _mm256_set1_epi8(0x03);
-    acc = dpbusd(acc, _mm256_and_si256(raw, mask), x[0]);
-    acc = dpbusd(acc, _mm256_and_si256(_mm256_srli_epi16(raw, 2), mask), x[1]);
-    acc = dpbusd(acc, _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask), x[2]);
-    return dpbusd(acc, _mm256_and_si256(_mm256_srli_epi16(raw, 6), mask), x[3]);
+    if (bits != 8) return plane_dot(bits, high, raw, x, acc);
+    const __m256i codes = _mm256_xor_si256(raw, _mm256_set1_epi8((char)0x80)); /* code - 128 */
+    return dpbusd(acc, _mm256_abs_epi8(codes), _mm256_sign_epi8(x[0], codes));
 }
 #endif
 
 #ifdef EC_VNNI512
-/* word_dot_vnni on two words at once (2- and 4-bit planes): lanes 0-7 the first word's rows, 8-15 the second's */
-static inline __attribute__((always_inline)) __m512i word_pair_dot(const int bits, const int high, __m512i raw,
-                                                                   const __m512i *x, __m512i acc) {
-    if (bits == 4) {
-        const __m512i mask = _mm512_set1_epi8(0x0F);
-        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(raw, mask), x[0]);
-        return _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask), x[1]);
-    }
-    if (high) {
-        const __m512i mask = _mm512_set1_epi8(0x30);
-        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_slli_epi16(raw, 4), mask), x[0]);
-        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_slli_epi16(raw, 2), mask), x[1]);
-        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(raw, mask), x[2]);
-        return _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(raw, 2), mask), x[3]);
-    }
-    const __m512i mask = _mm512_set1_epi8(0x03);
-    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(raw, mask), x[0]);
-    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(raw, 2), mask), x[1]);
-    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask), x[2]);
-    return _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(raw, 6), mask), x[3]);
+EC_PLANE_DOT(word_pair_dot, __m512i, _mm512_set1_epi8, _mm512_and_si512, _mm512_srli_epi16, _mm512_slli_epi16,
+             _mm512_dpbusd_epi32)
+
+/* dot += the two words' int32 sums (a 512-bit accumulator's halves) */
+static inline __m256i add_halves(__m256i dot, __m512i pair) {
+    return _mm256_add_epi32(dot, _mm256_add_epi32(_mm512_castsi512_si256(pair), _mm512_extracti64x4_epi64(pair, 1)));
 }
 
 static inline __m512i broadcast_word_pair(const int8_t *first, const int8_t *second) {
@@ -366,8 +359,7 @@ static inline __attribute__((always_inline)) void add_words(const int bits, cons
                 const __m512i sum = _mm512_add_epi32(
                     _mm512_add_epi32(plane[0][g][t], _mm512_srai_epi32(plane[1][g][t], 2)),
                     _mm512_add_epi32(_mm512_srai_epi32(plane[2][g][t], 4), _mm512_srai_epi32(plane[3][g][t], 6)));
-                dot[g][t] = _mm256_add_epi32(dot[g][t], _mm256_add_epi32(_mm512_castsi512_si256(sum),
-                                                                          _mm512_extracti64x4_epi64(sum, 1)));
+                dot[g][t] = add_halves(dot[g][t], sum);
             }
     } else if (bits != 8) {
         __m512i wide[2][EC_TOKENS];
@@ -384,9 +376,7 @@ static inline __attribute__((always_inline)) void add_words(const int bits, cons
             }
         }
         for (int g = 0; g < pairs; g++)
-            for (int t = 0; t < tokens; t++)
-                dot[g][t] = _mm256_add_epi32(dot[g][t], _mm256_add_epi32(_mm512_castsi512_si256(wide[g][t]),
-                                                                          _mm512_extracti64x4_epi64(wide[g][t], 1)));
+            for (int t = 0; t < tokens; t++) dot[g][t] = add_halves(dot[g][t], wide[g][t]);
     }
 #endif
     for (; word < words; word++, *codes += 32) {
