@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from edgecpm.runtimes.native import decoder, load_library
-from edgecpm.runtimes.onnxruntime import load_backend
+from edgecpm.runtimes import load_backend
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ CHILD = r"""
 import json, sys, time
 import numpy as np
 from pathlib import Path
-from edgecpm.runtimes.onnxruntime import load_backend
+from edgecpm.runtimes import load_backend
 
 bundle, kernels, prompt_tokens, new_tokens, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 backend = load_backend(Path(bundle), threads=threads, kernels=kernels)

@@ -85,7 +85,7 @@ def main() -> None:
 
     from edgecpm.export import export_checkpoint
     from edgecpm.quant import QuantSpec
-    from edgecpm.runtimes.onnxruntime import load_backend
+    from edgecpm.runtimes import load_backend
 
     checkpoint = write_checkpoint(args.cache / "minicpm4-0.5b-shape")
     bandwidth = read_bandwidth(1.0, args.threads, 5)
@@ -103,8 +103,9 @@ def main() -> None:
         prefill = float(np.median([r["prefill_tokens_per_second"] for r in runs]))
         # Every weight is streamed once per decoded token (the tied table through the LM head): as the native
         # kernels lay it out where they decode, else the bundle's own bytes.
-        weight_bytes = backend.native.streamed_bytes if backend.native else (bundle / "model.onnx.data").stat().st_size
-        rows.append({"scheme": scheme, "kernels": "native" if backend.native else "onnxruntime",
+        decoder = getattr(getattr(backend, "steps", backend), "decoder", None)  # the native kernels', if they decode
+        weight_bytes = decoder.streamed_bytes if decoder else (bundle / "model.onnx.data").stat().st_size
+        rows.append({"scheme": scheme, "kernels": backend.kernels["decode"],
                      "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode,
                      "weight_bytes": weight_bytes, "roofline_fraction": weight_bytes * decode / bandwidth})
     print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s ({args.threads} threads)")

@@ -20,7 +20,7 @@ import numpy as np
 
 def run_edgecpm(bundle_dir, prompt_ids, new_tokens: int, *, threads: int | None = None, backend=None, **options) -> dict:
     """One greedy run; `options` go to load_backend (prepack=, spin=). Pass `backend` to reuse a session."""
-    from edgecpm.runtimes.onnxruntime import load_backend
+    from edgecpm.runtimes import load_backend
 
     backend = backend or load_backend(Path(bundle_dir), threads=threads, **options)
     backend.reset()
@@ -52,7 +52,7 @@ def main() -> None:
                         help="keep weights unpacked (default: the runtime's choice per flavour)")
     parser.add_argument("--kernels", default="onnxruntime", help="who runs decode steps (onnxruntime, native)")
     args = parser.parse_args()
-    from edgecpm.runtimes.onnxruntime import load_backend
+    from edgecpm.runtimes import load_backend
 
     backend = load_backend(Path(args.bundle), threads=args.threads, spin=args.spin, prepack=args.prepack,
                            kernels=args.kernels)
@@ -92,7 +92,7 @@ def peer_engine(name: str, *, load_options: dict | None = None, **export_options
 
     def run(paths: dict, prompt: list[int], new_tokens: int = 128, runs: int = 3, threads: int = 2) -> dict:
         import peers
-        from edgecpm.runtimes.onnxruntime import load_backend
+        from edgecpm.runtimes import load_backend
 
         bundle = ensure_bundle(Path(paths["hf"]), Path(paths["hf"]).parent / f"edgecpm-{name}", **export_options)
         backend = load_backend(bundle, threads=threads, **(load_options or {}))

@@ -19,7 +19,7 @@ import numpy as np
 
 def profile(bundle: Path, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
     import edgecpm.runtimes.onnxruntime.backend as backend_module
-    from edgecpm.runtimes.onnxruntime import load_backend
+    from edgecpm.runtimes import load_backend
 
     prefix = str(Path(tempfile.mkdtemp()) / "ort")
     plain_options = backend_module.session_options

@@ -49,7 +49,7 @@ def bundle_bytes(bundle: Path) -> int:
 
 
 def decode_speed(bundle: Path, threads: int) -> dict:
-    from edgecpm.runtimes.onnxruntime import load_backend
+    from edgecpm.runtimes import load_backend
 
     backend = load_backend(bundle, threads=threads)
     prompt = (np.arange(100) * 37 + 11) % 1000 + 100

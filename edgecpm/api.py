@@ -33,8 +33,8 @@ Messages = Sequence[Mapping[str, Any]]
 def load(path: str | Path, *, threads: int | None = None, kernels: str | None = None) -> Engine:
     """Reads a bundle's manifest, tokenizer and chat template; the runtime session starts on first use.
 
-    `kernels`: who runs decode steps, "auto" (default, or $EDGECPM_KERNELS), "native" or "onnxruntime"
-    (edgecpm.runtimes.onnxruntime.OnnxRuntimeBackend)."""
+    `kernels`: who runs the bundle, "auto" (default, or $EDGECPM_KERNELS), "tensorrt", "native" or "onnxruntime"
+    (chosen in one place: edgecpm.runtimes.select)."""
     from edgecpm.chat_template import ChatTemplate
     from edgecpm.text import TextTokenizer
 
@@ -49,7 +49,7 @@ def load(path: str | Path, *, threads: int | None = None, kernels: str | None = 
                                 eos_token=tokenizer.eos_token, name=str(template_path))
 
     def start_backend() -> Backend:
-        from edgecpm.runtimes.onnxruntime import load_backend
+        from edgecpm.runtimes import load_backend
 
         return load_backend(bundle, manifest, threads=threads, kernels=kernels)
 

@@ -12,16 +12,61 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgecpm.errors import BundleError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: typed data_files/tensors/graph_io/device/engines fields instead of version 1's `extra` dict
 MANIFEST_NAME = "edgecpm.json"
 TOKENIZER_NAME = "tokenizer.json"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """The device profile an export was tuned for, and for each setting it decides whether the profile or a flag chose it."""
+
+    name: str
+    version: str
+    sha256: str
+    chosen_by: dict[str, str] = field(default_factory=dict)  # setting -> "flag" | "profile" | "plan" | "default" | "model"
+    memory_plan: dict[str, Any] = field(default_factory=dict)  # edgecpm.planner.MemoryPlan.to_dict() on that device
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256, "chosen_by": dict(self.chosen_by),
+                "memory_plan": dict(self.memory_plan)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeviceRecord:
+        return cls(name=str(data["name"]), version=str(data["version"]), sha256=str(data["sha256"]),
+                   chosen_by=dict(data.get("chosen_by", {})), memory_plan=dict(data.get("memory_plan", {})))
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """A TensorRT engine in the bundle, pinned to what built it: it runs only where all of these match."""
+
+    file: str                      # relative to the bundle
+    sha256: str
+    device: str                    # the profile it was built for
+    tensorrt_version: str
+    gpu_name: str
+    sm: str                        # compute capability, "8.7"
+    l4t_release: str | None        # Jetsons: the L4T release (/etc/nv_tegra_release), else None
+    max_context: int
+    shape_profiles: dict[str, dict[str, list[list[int]]]]  # optimization profile -> input -> [min, opt, max] shapes
+    timing_cache: str | None = None
+    built_with: str = ""           # edgecpm version
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineRecord:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -39,13 +84,25 @@ class Manifest:
     eos_token_ids: list[int]
     source: dict[str, Any]
     tokenizer: dict[str, Any]
+    data_files: list[str] = field(default_factory=list)    # external tensor data beside model_file
+    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> offset/length/dtype/shape in data_files[0]
+    graph_io: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # inputs/outputs: name, dtype, shape
+    tied_head: str = "duplicate"
+    model_bytes: int = 0
     quantization: dict[str, Any] | None = None
+    device: DeviceRecord | None = None
+    engines: list[EngineRecord] = field(default_factory=list)
     toolchain: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
+    def to_dict(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data["device"] = None if self.device is None else self.device.to_dict()
+        data["engines"] = [engine.to_dict() for engine in self.engines]
+        return data
+
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, indent=2, sort_keys=False)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: Path) -> Manifest:
@@ -58,14 +115,28 @@ class Manifest:
                 path=path,
                 field="schema_version",
             )
-        if version < SCHEMA_VERSION:
+        if version < 1:
             raise BundleError(f"bundle schema {version} is too old; re-export it with this edgecpm", path=path, field="schema_version")
-        known = set(cls.__dataclass_fields__)
-        missing = [name for name in known if name not in data and cls.__dataclass_fields__[name].default is not None
-                   and name not in ("quantization", "toolchain", "extra", "schema_version")]
+        if version == 1:  # version 1 kept these facts in an untyped `extra` dict
+            extra = data.get("extra") or {}
+            data = {**{k: v for k, v in data.items() if k != "extra"},
+                    **{k: extra[k] for k in ("data_files", "tensors", "graph_io", "model_bytes") if k in extra},
+                    "tied_head": (extra.get("export_options") or {}).get("tied_head", "duplicate"),
+                    "schema_version": SCHEMA_VERSION}
+        fields = cls.__dataclass_fields__
+        missing = [name for name, spec in fields.items() if name not in data and spec.default is MISSING
+                   and spec.default_factory is MISSING]
         if missing:
             raise BundleError("required field is missing; re-export the bundle", path=path, field=missing[0])
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in fields}
+        try:
+            if values.get("device") is not None:
+                values["device"] = DeviceRecord.from_dict(values["device"])
+            values["engines"] = [EngineRecord.from_dict(engine) for engine in values.get("engines") or []]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise BundleError(f"malformed device or engine record ({exc.__class__.__name__}: {exc})", path=path,
+                              field="engines" if "engines" in str(exc) else "device") from None
+        return cls(**values)
 
 
 def read_manifest(bundle: str | Path) -> Manifest:
@@ -87,11 +158,11 @@ def read_manifest(bundle: str | Path) -> Manifest:
 
 
 def bundle_files(manifest: Manifest) -> list[str]:
-    files = [manifest.model_file, *manifest.extra.get("data_files", []), TOKENIZER_NAME]
+    files = [manifest.model_file, *manifest.data_files, TOKENIZER_NAME]
     template = manifest.tokenizer.get("chat_template_file") if isinstance(manifest.tokenizer, dict) else None
     if template:
         files.append(template)
-    return files
+    return files + [engine.file for engine in manifest.engines]
 
 
 @contextlib.contextmanager
@@ -115,3 +186,11 @@ def atomic_bundle_dir(destination: str | Path, *, overwrite: bool = False) -> It
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_manifest(bundle: str | Path, manifest: Manifest) -> None:
+    """Replaces a bundle's manifest in one rename (a later step, e.g. `engine build`, adding a record)."""
+    path = Path(bundle) / MANIFEST_NAME
+    staging = path.with_name(f".{MANIFEST_NAME}.partial")
+    staging.write_text(manifest.to_json(), encoding="utf-8")
+    os.replace(staging, path)

@@ -37,3 +37,7 @@ class GenerationError(EdgecpmError):
 
 class QualityError(EdgecpmError):
     """A quantized export whose measured quality is worse than the limit the user set."""
+
+
+class MissingDependencyError(EdgecpmError):
+    """An optional package a step needs is not installed; the message names it and the extra that installs it."""

@@ -7,16 +7,19 @@ into place after the last file is written, so a failed export leaves nothing beh
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgecpm.bundle import CHAT_TEMPLATE_NAME, MANIFEST_NAME, TOKENIZER_NAME, Manifest, atomic_bundle_dir
 from edgecpm.checkpoint import Checkpoint, TokenizerFiles, open_checkpoint
 from edgecpm.errors import BundleError, QualityError, UnsupportedError
+from edgecpm.export_plan import plan_export
 from edgecpm.quant.spec import QuantSpec
 
-PRECISION_ALIASES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16"}
+if TYPE_CHECKING:
+    from edgecpm.devices.profile import DeviceProfile
+
 HASH_CHUNK = 8 << 20
 QUALITY_TOKENS = 1024  # evaluation tokens of the quality gate: at 256, perplexity rankings of int4 methods flipped with the text
 
@@ -58,23 +61,15 @@ def _tokenizer_record(tokenizer: TokenizerFiles) -> dict:
 
 def _toolchain() -> dict[str, str]:
     import numpy
-    import onnx
     import onnxruntime
 
     import edgecpm
+    from edgecpm.optional import require
+
+    onnx = require("onnx", "export", "exporting ONNX graphs")
 
     return {"edgecpm": edgecpm.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "numpy": numpy.__version__}
-
-
-def check_max_context(checkpoint: Checkpoint, max_context: int) -> None:
-    limit = checkpoint.config.max_position_embeddings
-    if not isinstance(max_context, int) or max_context < 1:
-        raise UnsupportedError(f"max_context must be a positive integer, got {max_context!r}", field="max_context")
-    if max_context > limit:
-        # Beyond max_position_embeddings, dynamic-NTK/LongRoPE would need length-dependent rotary tables.
-        raise UnsupportedError(f"max_context {max_context} exceeds the model's max_position_embeddings {limit}",
-                               path=checkpoint.path, field="max_context")
 
 
 def _quantization_record(spec: QuantSpec, quantizer, options, staging: Path) -> dict:
@@ -93,10 +88,14 @@ def _model_bytes(bundle: Path) -> int:
 
 def _quality_gate(staging: Path, checkpoint: Checkpoint, manifest: Manifest, max_tokens: int,
                   max_ppl_increase: float | None, say: Callable[[str], None]) -> dict:
-    """Measures the staged bundle on its own runtime; raises (so nothing is renamed into place) over the limit."""
-    from edgecpm.quant.quality import measure_bundle
+    """Measures the staged bundle on its own runtime; raises (so nothing is renamed into place) over the limit.
 
-    say(f"quality gate: {max_tokens} evaluation tokens against the fp32 reference")
+    The reference is the fp32 graph of the same checkpoint on onnxruntime (no torch); it is as large as the fp32
+    model, built only now that the quantized bundle is staged, and deleted before this returns.
+    """
+    from edgecpm.quant.quality import REFERENCE, measure_bundle
+
+    say(f"quality gate: {max_tokens} evaluation tokens against the {REFERENCE} (built, then deleted)")
     report = measure_bundle(staging, checkpoint, max_tokens)
     manifest.quantization["quality"] = report.to_dict()
     say(f"perplexity {report.perplexity:.3f} vs {report.reference_perplexity:.3f} ({report.perplexity_increase:+.2%}), "
@@ -107,38 +106,32 @@ def _quality_gate(staging: Path, checkpoint: Checkpoint, manifest: Manifest, max
     return report.to_dict()
 
 
-def export_checkpoint(source: str | Path | Checkpoint, out_dir: str | Path, *, flavour: str = "ort", dtype: str = "fp32",
-                      max_context: int = 2048, overwrite: bool = False, tied_head: str = "duplicate",
-                      quant: QuantSpec | None = None, max_ppl_increase: float | None = None, accuracy_level: int = 4,
+def export_checkpoint(source: str | Path | Checkpoint, out_dir: str | Path, *, device: str | Path | DeviceProfile | None = None,
+                      flavour: str | None = None, dtype: str | None = None, max_context: int | None = None,
+                      overwrite: bool = False, tied_head: str | None = None, quant: QuantSpec | None = None,
+                      max_ppl_increase: float | None = None, accuracy_level: int | None = None,
                       quality_tokens: int = QUALITY_TOKENS, progress: Callable[[str], None] | None = None) -> Path:
     """Writes an edgecpm bundle (model.onnx + model.onnx.data + tokenizer + edgecpm.json); returns its path.
 
-    `quant`: what to store quantized (GPTQ checkpoints always export their own codes). Every quantized
-    export is measured by the quality gate before it is renamed into place; `max_ppl_increase` (0.05 =
-    +5% perplexity) turns the measurement into a hard limit.
+    `device`: a profile name, a profile file or a DeviceProfile: flavour, dtype, quantization and max context
+    default to its choices (explicit arguments win; both recorded in the manifest) and the export is refused
+    before anything is written if it does not fit the device's memory budget. `None` means "not given"
+    (edgecpm.export_plan resolves it). `quant`: what to store quantized (GPTQ checkpoints always export their
+    own codes). Every quantized export is measured by the quality gate before it is renamed into place;
+    `max_ppl_increase` (0.05 = +5% perplexity) turns the measurement into a hard limit.
     """
-    from edgecpm.exporters.onnx import DATA_FILE, MODEL_FILE, ExportOptions, build_onnx
-    from edgecpm.exporters.onnx.build import check_options
-    from edgecpm.quant.plan import check_flavour, checkpoint_spec, make_quantizer, warn_if_lossy
+    from edgecpm.exporters.onnx import DATA_FILE, MODEL_FILE, build_onnx
+    from edgecpm.quant.plan import make_quantizer, warn_if_lossy
 
     say = progress or (lambda message: None)
     checkpoint = source if isinstance(source, Checkpoint) else open_checkpoint(source)
-    precision = PRECISION_ALIASES.get(str(dtype).lower())
-    if precision is None:
-        raise UnsupportedError(f"unknown dtype {dtype!r} (choose fp32 or fp16)", field="dtype")
-    options = ExportOptions(flavour=flavour, precision=precision, max_context=max_context, tied_head=tied_head,
-                            accuracy_level=accuracy_level)
-    check_options(options)
-    check_max_context(checkpoint, max_context)
-    spec = checkpoint_spec(checkpoint, quant)
-    if spec is not None and not spec.enabled:
-        spec = None
-    if spec is not None:
-        spec.validate(flavour)
-        check_flavour(checkpoint, spec, flavour)
-    if spec is not None and importlib.util.find_spec("torch") is None:
-        raise UnsupportedError("a quantized export measures its quality against the PyTorch reference; install torch "
-                               "(pip install 'edgecpm[reference]')", field="--quant")
+    plan = plan_export(checkpoint, device=device, flavour=flavour, dtype=dtype, max_context=max_context, quant=quant,
+                       tied_head=tied_head, accuracy_level=accuracy_level)
+    options, spec = plan.options, plan.quant
+    flavour, precision, max_context, tied_head = options.flavour, options.precision, options.max_context, options.tied_head
+    if plan.device is not None:
+        say(f"tuned for {plan.device.name} {plan.device.version}: {flavour} graph, {plan.memory.storage.label}, max context "
+            f"{max_context} ({', '.join(f'{k} by {v}' for k, v in plan.chosen_by.items())})")
     if max_ppl_increase is not None and spec is None:
         raise UnsupportedError("--max-ppl-increase needs a quantized export (--quant)", field="--max-ppl-increase")
     tokenizer = checkpoint.tokenizer
@@ -181,15 +174,12 @@ def export_checkpoint(source: str | Path | Checkpoint, out_dir: str | Path, *, f
             tokenizer=tokenizer_record,
             quantization=None if spec is None else _quantization_record(spec, quantizer, options, staging),
             toolchain=_toolchain(),
-            extra={
-                "data_files": [DATA_FILE],
-                "tensors": graph_io.tensors,
-                "graph_io": {"inputs": [t.as_dict() for t in graph_io.inputs],
-                             "outputs": [t.as_dict() for t in graph_io.outputs]},
-                "export_options": {"tied_head": tied_head},
-                "model_bytes": _model_bytes(staging),
-                "rope": "cos/sin baked for max_context positions (exact: max_context <= max_position_embeddings)",
-            },
+            data_files=[DATA_FILE],
+            tensors=graph_io.tensors,
+            graph_io={"inputs": [t.as_dict() for t in graph_io.inputs], "outputs": [t.as_dict() for t in graph_io.outputs]},
+            tied_head=tied_head,
+            model_bytes=_model_bytes(staging),
+            device=plan.device,
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         quality = None

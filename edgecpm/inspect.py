@@ -6,15 +6,19 @@ from typing import Any
 
 from edgecpm.checkpoint import Checkpoint
 
-# Bits per weight of 2-D matrices, including one fp16 scale per block of 32 (and a zero point for int4).
-BITS_PER_WEIGHT = {"fp16": 16.0, "int8": 8 + 16 / 32, "int4": 4 + 16 / 32 + 4 / 32, "ternary": 2 + 16 / 32}
+WEIGHT_SCHEMES = ("none", "int8", "int4", "ternary")
 
 
-def estimated_weight_bytes(checkpoint: Checkpoint) -> dict[str, int]:
-    """Bytes of weights per precision: matrices at that precision, vectors (norms) kept at fp16."""
-    matrices = sum(ref.numel for ref in checkpoint.tensors.values() if len(ref.shape) >= 2)
-    vectors = checkpoint.parameter_count() - matrices
-    return {name: int(matrices * bits / 8 + vectors * 2) for name, bits in BITS_PER_WEIGHT.items()}
+def weight_bytes_by_scheme(checkpoint: Checkpoint) -> dict[str, int]:
+    """Bytes of weights as an fp16 export stores them under each scheme (edgecpm.planner's arithmetic)."""
+    from edgecpm.planner import Storage, weight_bytes
+    from edgecpm.quant.spec import QuantSpec
+
+    result = {}
+    for scheme in WEIGHT_SCHEMES:
+        roles = weight_bytes(checkpoint.config, Storage("fp16", None if scheme == "none" else QuantSpec(scheme=scheme)))
+        result["fp16" if scheme == "none" else scheme] = sum(v for k, v in roles.items() if k != "rope_bytes_per_position")
+    return result
 
 
 def describe_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -47,8 +51,29 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:
         "tokenizer": checkpoint.has_tokenizer,
         "chat_template": checkpoint.has_chat_template,
         "kv_bytes_per_token": {"fp16": kv_values * 2, "fp32": kv_values * 4},
-        "estimated_weight_bytes": estimated_weight_bytes(checkpoint),
+        "weight_bytes": weight_bytes_by_scheme(checkpoint),
     }
+
+
+def describe_plan(checkpoint: Checkpoint, device) -> dict[str, Any]:
+    """The memory plan on a device: what `export --device` would choose (or why it refuses), and the
+    alternatives' weight bytes and largest context at the profile's precision."""
+    from edgecpm.errors import UnsupportedError
+    from edgecpm.export_plan import plan_export, resolve_profile
+    from edgecpm.planner import Storage, plan_memory
+    from edgecpm.quant.spec import QuantSpec
+
+    profile = resolve_profile(device)
+    try:
+        export = plan_export(checkpoint, device=profile).to_dict()
+    except UnsupportedError as refused:
+        export = {"refused": refused.message}
+    alternatives = {}
+    for scheme in WEIGHT_SCHEMES[:3]:  # float, int8, int4 (ternary needs a BitCPM checkpoint)
+        storage = Storage(profile.export.dtype, None if scheme == "none" else QuantSpec(scheme=scheme))
+        plan = plan_memory(checkpoint.config, storage, profile)
+        alternatives[storage.label] = {"weight_bytes": plan.weight_bytes, "max_context": plan.max_context, "fits": plan.fits}
+    return {"device": profile.name, "budget_bytes": profile.budget_bytes, "export": export, "alternatives": alternatives}
 
 
 def describe_bundle(bundle) -> dict[str, Any]:
@@ -65,7 +90,7 @@ def describe_bundle(bundle) -> dict[str, Any]:
     quality = quantization.pop("quality", None)
     quantization.pop("tensors", None)  # per-tensor detail stays in the manifest; the counts are shown
     layout = manifest.kv_layout
-    files = [manifest.model_file, *manifest.extra.get("data_files", [])]
+    files = [manifest.model_file, *manifest.data_files]
     return {
         "kind": "bundle",
         "path": str(bundle),
@@ -79,4 +104,6 @@ def describe_bundle(bundle) -> dict[str, Any]:
         "kv_mode": layout["mode"],
         "max_context": manifest.max_context,
         "eos_token_ids": manifest.eos_token_ids,
+        "device": None if manifest.device is None else manifest.device.to_dict(),
+        "engines": [engine.to_dict() for engine in manifest.engines],
     }

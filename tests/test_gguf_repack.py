@@ -20,7 +20,7 @@ from edgecpm.models import reference_model
 from edgecpm.quant.formats import pack_matmul_nbits, unpack_matmul_nbits
 from edgecpm.quant.plan import make_quantizer
 from edgecpm.quant.spec import QuantSpec
-from edgecpm.runtimes.onnxruntime import load_backend
+from edgecpm.runtimes import load_backend
 from gguf_writer import Q, write_gguf
 from test_quant_formats import matmul_nbits_weight
 

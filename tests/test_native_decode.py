@@ -23,7 +23,8 @@ from edgecpm.quant.spec import QuantSpec
 from edgecpm.runtimes.native import load_library
 from edgecpm.runtimes.native import decoder as native_decoder_module
 from edgecpm.runtimes.native.decoder import OFFSETS_FLOAT, OFFSETS_ZERO_POINTS, SCALES_FP16, SCALES_PER_ROW
-from edgecpm.runtimes.onnxruntime import load_backend
+from edgecpm.runtimes import load_backend
+from edgecpm.runtimes.native.backend import NativeBackend
 from gptq_writer import write_gptq_checkpoint
 from tiny_models import BITCPM, TINY_CONFIGS, write_bitcpm_checkpoint, write_hf_checkpoint
 
@@ -48,6 +49,11 @@ except Exception as error:  # noqa: BLE001 - the reason is the skip message
 needs_kernels = pytest.mark.skipif(KERNELS_MISSING is not None, reason=f"native kernels unavailable: {KERNELS_MISSING}")
 
 
+def kernel_decoder(backend):
+    """The native kernels' decoder a backend decodes with, or None where onnxruntime decodes."""
+    return getattr(getattr(backend, "steps", backend), "decoder", None)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("native_decode")
@@ -64,7 +70,7 @@ def decode_both(bundle: Path, steps: int = DECODE_STEPS, prompt: np.ndarray = PR
     """(onnxruntime, native) decode logits for the same tokens (onnxruntime's greedy choices)."""
     graph = load_backend(bundle, kernels="onnxruntime", threads=1)
     native = load_backend(bundle, kernels="native", threads=threads)
-    assert native.native is not None and graph.native is None
+    assert kernel_decoder(native) is not None and kernel_decoder(graph) is None
     tokens = [int(graph.prefill(prompt).argmax())]
     native.prefill(prompt)
     expected, got = [], []
@@ -122,7 +128,7 @@ def with_tensor_entries(bundle: Path, copy: Path, change) -> Path:
     shutil.copytree(bundle, copy, copy_function=lambda source, target: Path(target).symlink_to(Path(source).resolve()))
     manifest_file = copy / "edgecpm.json"
     manifest = json.loads(manifest_file.read_text())
-    for entry in manifest["extra"]["tensors"].values():
+    for entry in manifest["tensors"].values():
         change(entry)
     manifest_file.unlink()  # a link to the original: replaced, not written through
     manifest_file.write_text(json.dumps(manifest))
@@ -138,12 +144,12 @@ def test_six_bit_tables_stream_at_six_bits_with_the_eight_bit_results(workdir, k
     bundle = bundle_of(workdir, key, "int4")  # "auto" tables: int6 under int4 weights
     eight_bit = with_tensor_entries(bundle, workdir / f"{bundle.name}-as-8-bit", lambda entry: entry.pop("value_bits", None))
     six, eight = (load_backend(b, kernels="native") for b in (bundle, eight_bit))
-    assert (six.native._model.head.stream_bits, eight.native._model.head.stream_bits) == (6, 8)
-    assert six.native.streamed_bytes < eight.native.streamed_bytes
+    assert (kernel_decoder(six)._model.head.stream_bits, kernel_decoder(eight)._model.head.stream_bits) == (6, 8)
+    assert kernel_decoder(six).streamed_bytes < kernel_decoder(eight).streamed_bytes
     assert_same_logits(six, eight)
     lying = with_tensor_entries(bundle_of(workdir, key, "int8"), workdir / f"{bundle.name}-lying",
                                 lambda entry: entry.update(value_bits=6) if entry.get("bits") == 8 else None)
-    assert "holds codes outside 96..159" in load_backend(lying).native_unavailable
+    assert "holds codes outside 96..159" in load_backend(lying).kernels["native_unavailable"]
     with pytest.raises(BundleError, match="recorded as 6-bit values"):
         load_backend(lying, kernels="native")
 
@@ -156,7 +162,9 @@ def test_vnni_and_512_bit_kernels_are_avx2s_bit_for_bit(workdir, monkeypatch):
     level = load_library().ec_vectorised()
     if level < 2:
         pytest.skip("this CPU has no VNNI dot products (the AVX2 path is what every other test runs)")
-    narrower = [(("-mno-avxvnni", "-mno-avx512vnni"), 1)] + ([(("-mno-avx512vnni",), 2)] if level == 3 else [])
+    # Without AVX-512 VNNI a build falls back to AVX-VNNI only where the CPU has it (Zen 4 has the 512-bit form alone)
+    has_avx_vnni = "avx_vnni" in Path("/proc/cpuinfo").read_text().split()
+    narrower = [(("-mno-avxvnni", "-mno-avx512vnni"), 1)] + ([(("-mno-avx512vnni",), 2 if has_avx_vnni else 1)] if level == 3 else [])
     for scheme in ("int4", "int8", "ternary"):
         bundle = bundle_of(workdir, ("minicpm", "untied"), scheme)
         for flags, narrower_level in narrower:
@@ -187,7 +195,7 @@ def test_bitcpm_rows_with_one_scale_stream_it_once(workdir, monkeypatch):
     a per-row scale once (no per-block scales in their copy) and still decode as onnxruntime does."""
     source = write_bitcpm_checkpoint(workdir / "bitcpm", monkeypatch)
     bundle = export(source, workdir / "bitcpm-ternary", QuantSpec("ternary", method="lossless"))
-    layers = load_backend(bundle, kernels="native").native._model.layer
+    layers = kernel_decoder(load_backend(bundle, kernels="native"))._model.layer
     formats = {linear.scale_format for i in range(TINY_CONFIGS[BITCPM]["num_hidden_layers"])
                for linear in (layers[i].qkv, layers[i].o, layers[i].gate_up, layers[i].down)}
     assert SCALES_PER_ROW in formats and len(formats) > 1  # and per-block scales where layers have them
@@ -199,13 +207,13 @@ PREFILL_CASES = [(("llama", "dense"), "int4"), (("minicpm", "untied"), "int8"), 
 
 
 def kv_rows(backend, position: int) -> list[np.ndarray]:
-    return [np.array(value.numpy()[:, :, :position]) for value in backend.cache.values]
+    return [np.array(array[:, :, :position]) for array in backend.kv.arrays]
 
 
 def assert_prefill_is_steps(bundle: Path, threads: int) -> None:
     batched, stepped = (load_backend(bundle, kernels="native", threads=threads) for _ in range(2))
     graph = load_backend(bundle, kernels="onnxruntime", threads=1)
-    assert batched.session is None and batched.native.prefills  # no onnxruntime graph: the weights are held once
+    assert isinstance(batched, NativeBackend) and kernel_decoder(batched).prefills  # no onnxruntime graph: the weights are held once
     rng = np.random.default_rng(threads)
     for length in (1, 16, 37):
         first, turn = rng.integers(3, 120, size=length), rng.integers(3, 120, size=5)
@@ -250,7 +258,7 @@ def test_zero_points_stream_with_the_codes(workdir):
     q4_1 = export(write_gguf(workdir / "q4_1.gguf", ("llama", "dense"), qtype=Q.Q4_1).path, workdir / "q4_1-bundle",
                   QuantSpec("int4"))
     for bundle, kind in ((bundle_of(workdir, ("llama", "dense"), "int4-asym"), OFFSETS_ZERO_POINTS), (q4_1, OFFSETS_FLOAT)):
-        layer = load_backend(bundle, kernels="native").native._model.layer[0]
+        layer = kernel_decoder(load_backend(bundle, kernels="native"))._model.layer[0]
         assert {linear.offset_kind for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)} == {kind}
         assert_int8_decode_matches(bundle)
         assert_prefill_is_steps(bundle, threads=2)
@@ -273,7 +281,7 @@ def test_native_prefill_over_split_attention(workdir):
         batched.prefill(prompt[:20])
     batched.reset()
     with pytest.raises(GenerationError, match="native prefill refused"):
-        batched.native.prefill(np.array([1, 10**6]), 0, np.zeros((1, batched.vocab_size), np.float32))
+        kernel_decoder(batched).prefill(np.array([1, 10**6]), 0, np.zeros((1, batched.vocab_size), np.float32))
 
 
 @needs_kernels
@@ -281,16 +289,16 @@ def test_auto_decodes_natively_unless_told_otherwise(workdir, monkeypatch):
     monkeypatch.delenv("EDGECPM_KERNELS", raising=False)
     source = checkpoint(workdir, ("llama", "dense"))
     quantized = load_backend(export(source, workdir / "auto-int4", SCHEMES["int4"]))
-    assert quantized.native is not None and quantized.native_unavailable is None
-    assert quantized.native._model.layer[0].qkv.scale_format == SCALES_FP16  # exported at fp16 precision
+    assert kernel_decoder(quantized) is not None and quantized.kernels["native_unavailable"] is None
+    assert kernel_decoder(quantized)._model.layer[0].qkv.scale_format == SCALES_FP16  # exported at fp16 precision
     dense = load_backend(export(source, workdir / "auto-fp32", None))
     # fp32: the kernels decode, onnxruntime prefills (MLAS's GEMM), both from one memory-mapped copy
     assert dense.kernels == {"prefill": "onnxruntime", "decode": "native", "native_unavailable": None}
-    assert dense.native.in_place_tensors()
+    assert kernel_decoder(dense).in_place_tensors()
     asymmetric = load_backend(export(source, workdir / "auto-int4-asym", SCHEMES["int4-asym"]))
-    assert asymmetric.native is not None and asymmetric.session is None  # zero points stream with the codes
+    assert kernel_decoder(asymmetric) is not None and isinstance(asymmetric, NativeBackend)  # zero points stream with the codes
     monkeypatch.setenv("EDGECPM_KERNELS", "onnxruntime")
-    assert load_backend(workdir / "auto-int4").native is None
+    assert kernel_decoder(load_backend(workdir / "auto-int4")) is None
 
 
 def gptq_bundle(workdir: Path, symmetric: bool, act_order: bool) -> Path:
@@ -329,28 +337,28 @@ def test_float_weights_are_held_once(workdir):
     second copy, no prepacked one), and its prefill over them still computes the graph's logits."""
     bundle = export(checkpoint(workdir, ("minicpm", "untied")), workdir / "held-once", None)
     native = load_backend(bundle, kernels="native", threads=2)
-    mapped = native.native.in_place_tensors()
-    assert set(mapped) == set(native.native._weights.index) and len(mapped) > 10
-    assert all(np.shares_memory(array, native.native._weights.data) for array in mapped.values())
-    assert set(native._shared_values) == set(mapped)
+    mapped = kernel_decoder(native).in_place_tensors()
+    assert set(mapped) == set(kernel_decoder(native)._weights.index) and len(mapped) > 10
+    assert all(np.shares_memory(array, kernel_decoder(native)._weights.data) for array in mapped.values())
+    assert set(native.prompts._shared_values) == set(mapped)  # onnxruntime prefills over the same arrays
     graph = load_backend(bundle, kernels="onnxruntime", threads=1)
     assert not graph._shared_values
     np.testing.assert_allclose(native.prefill(PROMPT), graph.prefill(PROMPT), atol=FP32_ATOL)
     quantized = load_backend(export(checkpoint(workdir, ("llama", "dense")), workdir / "held-int4", SCHEMES["int4"]),
                              kernels="native")
-    assert quantized.native.in_place_tensors() == {}  # the kernels compute from their interleaved copy
+    assert kernel_decoder(quantized).in_place_tensors() == {}  # the kernels compute from their interleaved copy
 
 
 def test_bundles_the_kernels_do_not_implement_decode_with_onnxruntime(workdir):
     mla = export(checkpoint(workdir, ("minicpm3", "mla")), workdir / "mla", None)
-    assert load_backend(mla, kernels="onnxruntime").native_unavailable == "not requested"
+    assert load_backend(mla, kernels="onnxruntime").kernels["native_unavailable"] == "not requested"
     backend = load_backend(mla)  # the default, "auto"
-    assert backend.native is None and "minicpm3" in backend.native_unavailable
+    assert kernel_decoder(backend) is None and "minicpm3" in backend.kernels["native_unavailable"]
     with pytest.raises(BundleError, match="native kernels unavailable: architecture 'minicpm3'"):
         load_backend(mla, kernels="native")
     exact = export_checkpoint(checkpoint(workdir, ("llama", "dense")), workdir / "level0", max_context=MAX_CONTEXT,
                               quant=QuantSpec("int4"), accuracy_level=0, quality_tokens=16)
-    assert "accuracy level 0" in load_backend(exact, kernels="auto").native_unavailable
+    assert "accuracy level 0" in load_backend(exact, kernels="auto").kernels["native_unavailable"]
     # act-order GPTQ: q/k/v keep their own channel orders, so they stay separate MatMuls in the graph
     with pytest.raises(BundleError, match="separate MatMuls"):
         load_backend(gptq_bundle(workdir, False, act_order=True), kernels="native")

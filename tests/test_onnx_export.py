@@ -20,7 +20,7 @@ import pytest
 from edgecpm.bundle import MANIFEST_NAME, SCHEMA_VERSION, read_manifest
 from edgecpm.errors import BundleError, UnsupportedError
 from edgecpm.export import export_checkpoint
-from edgecpm.runtimes.onnxruntime import load_backend
+from edgecpm.runtimes import load_backend
 from tiny_models import TINY_CONFIGS, parse_tiny_config, write_hf_checkpoint
 
 torch = pytest.importorskip("torch")
@@ -148,7 +148,7 @@ def test_manifest_contents(workdir):
     assert manifest.schema_version == SCHEMA_VERSION
     assert manifest.architecture == config.to_dict()
     assert (manifest.flavour, manifest.precision, manifest.max_context, manifest.quantization) == ("ort", "fp32", MAX_CONTEXT, None)
-    assert manifest.model_file == "model.onnx" and manifest.extra["data_files"] == ["model.onnx.data"]
+    assert manifest.model_file == "model.onnx" and manifest.data_files == ["model.onnx.data"]
     assert {p.name for p in bundle.iterdir()} == {"model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja",
                                                    MANIFEST_NAME}
     assert manifest.graph_inputs[:3] == ["input_ids", "seqlens_k", "total_sequence_length"]
@@ -218,7 +218,7 @@ def test_runtime_does_not_import_torch(workdir):
     bundle = export_tiny(workdir, ("minicpm", "dense"), "ort")
     code = textwrap.dedent(f"""
         import sys
-        from edgecpm.runtimes.onnxruntime import load_backend
+        from edgecpm.runtimes import load_backend
         backend = load_backend({str(bundle)!r})
         logits = backend.prefill([1, 2, 3])
         for _ in range(3):

@@ -204,6 +204,9 @@ class Architecture:
     # Linears whose outputs become cached keys/values (by module-name suffix): every later query reads
     # the first position's (the attention sink's), so calibration weights that row up.
     kv_projections: tuple[str, ...] = ("self_attn.k_proj", "self_attn.v_proj")
+    # Weights (by name suffix) the graph builder reads as floats whatever the QuantSpec says: the planner counts
+    # them at the export precision (tests compare its bytes with every tiny export's tensor index).
+    float_weights: tuple[str, ...] = ()
 
     registry: ClassVar[dict[str, Architecture]] = {}
 

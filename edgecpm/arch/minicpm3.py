@@ -112,5 +112,6 @@ register(
         reference_model="edgecpm.models.minicpm3:MiniCPM3ForCausalLM",
         variants={"mla": "MiniCPM3-4B: q_lora + latent KV, LongRoPE", "mla_no_q_lora": "q_lora_rank null: dense q_proj"},
         kv_projections=("self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj"),
+        float_weights=("self_attn.kv_b_proj.weight",),  # absorbed into per-head W_kc/W_vc (exporters/onnx/models/mla.py)
     )
 )

@@ -16,6 +16,7 @@ from edgecpm.arch.fields import ConfigFields
 from edgecpm.checkpoint.base import Checkpoint, TensorRef, TokenizerFiles, select_tensors
 from edgecpm.checkpoint.tokenizer import pick_chat_template
 from edgecpm.errors import CheckpointError, UnsupportedError
+from edgecpm.optional import require
 
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -73,7 +74,7 @@ def _reader_class():
     """
     import struct
 
-    import gguf
+    gguf = require("gguf", "export", "reading GGUF files")
     from gguf import GGUFValueType
 
     class Reader(gguf.GGUFReader):
@@ -116,8 +117,9 @@ def _reader_class():
 
 
 def open_gguf(path: Path) -> Checkpoint:
+    reader_class = _reader_class()  # outside the try: a missing gguf package is not a damaged file
     try:
-        reader = _reader_class()(path)
+        reader = reader_class(path)
     except _TruncatedTensor as exc:
         raise CheckpointError(f"tensor data ends at byte {exc.end} but the file has {exc.size} bytes (truncated)", path=path,
                               field=exc.name) from None
@@ -360,6 +362,7 @@ def _tokenizer(path: Path, meta: dict[str, Any]) -> TokenizerFiles | None:
     if "tokenizer.ggml.tokens" not in meta:
         return None
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its "PyTorch was not found" notice is noise here
+    require("transformers", "export", "converting a GGUF vocabulary to tokenizer.json")
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     try:

@@ -110,7 +110,9 @@ def _read_sharded(index_path: Path, reader) -> tuple[dict[str, TensorRef], list[
 
 def _read_torch_bin(path: Path) -> dict[str, TensorRef]:
     """Legacy pickled weights: only through torch's weights_only unpickler, memory-mapped."""
-    import torch
+    from edgecpm.optional import require
+
+    torch = require("torch", "reference", "reading pytorch_model.bin weights")
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -96,6 +96,10 @@ def _check_tokenizer(text: str, path: Path) -> None:
 
 def _convert_sentencepiece(path: Path) -> str:
     """SentencePiece model -> tokenizers JSON with transformers' Llama converter (the HF-standard mapping)."""
+    from edgecpm.optional import require
+
+    for module in ("transformers", "sentencepiece"):  # before the try: missing packages are not a bad model file
+        require(module, "export", "converting a SentencePiece tokenizer.model")
     try:
         from transformers import LlamaTokenizer
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from edgecpm.cli import app
-from edgecpm.cli.options import (ACCURACY_LEVEL, ASYMMETRIC, BLOCK_SIZE, EMBEDDINGS, LM_HEAD, MAX_PPL_INCREASE, METHOD, QUANT,
-                                 QUALITY_TOKENS)
+from edgecpm.cli.options import (ACCURACY_LEVEL, ASYMMETRIC, BLOCK_SIZE, DEVICE, EMBEDDINGS, LM_HEAD, MAX_PPL_INCREASE, METHOD,
+                                 QUANT, QUALITY_TOKENS)
 
 
 def export_with_progress(source: str | Path, out_dir: Path, **options) -> Path:
@@ -38,9 +38,14 @@ def export(
     source: str = typer.Argument(..., help="An HF checkpoint directory, a GGUF file, or a model id in the local HF cache.",
                                  show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="The bundle directory to write.", show_default=False),
-    flavour: str = typer.Option("ort", "--flavour", help="ort: onnxruntime contrib ops; standard: standard ONNX ops only."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Weight and activation precision: fp32 or fp16."),
-    max_context: int = typer.Option(2048, "--max-context", min=1, help="Longest sequence (prompt + answer) the bundle holds."),
+    device: str | None = DEVICE,
+    flavour: str | None = typer.Option(None, "--flavour", help="ort: onnxruntime contrib ops; standard: standard ONNX ops only "
+                                       "(the TensorRT input) [default: the device's, else ort]", show_default=False),
+    dtype: str | None = typer.Option(None, "--dtype", help="Weight and activation precision: fp32 or fp16 [default: the "
+                                     "device's, else fp32]", show_default=False),
+    max_context: int | None = typer.Option(None, "--max-context", min=1, help="Longest sequence (prompt + answer) the bundle "
+                                           "holds [default: the largest the device's memory plan fits, else 2048; at most the "
+                                           "model's]", show_default=False),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     download: bool = typer.Option(False, "--download", help="Fetch a model id that is not in the local cache."),
     quant: str = QUANT,
@@ -63,7 +68,7 @@ def export(
     spec = QuantSpec(scheme=quant, method=method, block_size=block_size, symmetric=not asymmetric, lm_head=lm_head,
                      embeddings=embeddings).validate(flavour)
     checkpoint = resolve_checkpoint(source, download=download)
-    export_with_progress(checkpoint, out, flavour=flavour, dtype=dtype, max_context=max_context, overwrite=overwrite,
+    export_with_progress(checkpoint, out, device=device, flavour=flavour, dtype=dtype, max_context=max_context, overwrite=overwrite,
                          quant=spec, max_ppl_increase=max_ppl_increase, accuracy_level=accuracy_level,
                          **({} if quality_tokens is None else {"quality_tokens": quality_tokens}))
     typer.echo(f"wrote {out}")

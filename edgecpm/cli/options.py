@@ -15,14 +15,18 @@ JSON_OUTPUT = typer.Option(False, "--json", help="Print one JSON object instead 
 CHECKPOINT_OR_BUNDLE = typer.Argument(..., help="An HF checkpoint directory, a GGUF file, or an edgecpm bundle.", show_default=False)
 BUNDLE = typer.Argument(..., help="An edgecpm bundle directory (made by `edgecpm export`).", show_default=False)
 THREADS = typer.Option(None, "--threads", min=1, help="CPU threads for the runtime (default: the runtime's choice).")
-KERNELS = typer.Option(None, "--kernels", help="Who runs decode steps: auto (edgecpm's native kernels where they are "
-                       "faster, else onnxruntime), native or onnxruntime (default: $EDGECPM_KERNELS, else auto).",
+KERNELS = typer.Option(None, "--kernels", help="Who runs the bundle: auto (its TensorRT engine for this GPU, else edgecpm's "
+                       "native kernels where they are faster, else onnxruntime), tensorrt, native or onnxruntime "
+                       "(default: $EDGECPM_KERNELS, else auto).",
                        show_default=False)
 SYSTEM = typer.Option(None, "--system", help="A system message placed before the conversation.")
+DEVICE = typer.Option(None, "--device", help="A device profile name (`edgecpm devices`) or a profile .toml file: export "
+                      "settings tuned for it and a memory plan against its budget.", show_default=False)
 
 # Quantized export (export). Plain strings/ints, checked by QuantSpec.validate, so a bad value is the
 # same one-line error (exit 1) from the CLI and the Python API.
-QUANT = typer.Option("none", "--quant", help="Decoder weights: none, int8, int4 or ternary (BitCPM, ort flavour).")
+QUANT = typer.Option("auto", "--quant", help="Decoder weights: none, int8, int4 or ternary (BitCPM, ort flavour); auto: "
+                     "the --device profile's choice, else none.")
 METHOD = typer.Option("auto", "--method", help="auto: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks where present, else rtn; "
                       "rtn: round to nearest; gptq: calibrated int4/int8; source: the GGUF blocks; lossless: exact "
                       "ternary packing of BitCPM weights (fails on anything else).")

@@ -242,12 +242,22 @@ def check_flavour(checkpoint, spec: QuantSpec, flavour: str) -> None:
                                path=checkpoint.path, field="quantization_config")
     if spec.method == "gptq" and spec.scheme not in ("int4", "int8"):
         raise UnsupportedError(f"--method gptq quantizes int4 or int8 weights, not {spec.scheme}", field="--method")
+    if spec.method == "gptq":  # checked before anything is hashed or written; the quality gate needs no torch
+        _require_torch_for_gptq()
     if spec.method == "lossless" and spec.scheme != "ternary":
         raise UnsupportedError("--method lossless applies to --quant ternary (exact BitCPM packing)", field="--method")
 
 
+def _require_torch_for_gptq() -> None:
+    """GPTQ calibrates on the PyTorch reference model: the one quantized export that still needs torch."""
+    from edgecpm.optional import require
+
+    require("torch", "reference", "--method gptq (calibration on the PyTorch reference model)")
+
+
 def calibration_hessians(checkpoint, spec: QuantSpec, max_tokens: int = CALIBRATION_TOKENS) -> dict[str, Hessian]:
     """Input statistics of every decoder linear the spec quantizes, from the fp32 reference on the calibration text."""
+    _require_torch_for_gptq()
     from edgecpm.models import reference_model
     from edgecpm.quant.calibrate import accumulate_hessians, calibration_sequences, calibration_text
     from edgecpm.text import TextTokenizer

@@ -13,6 +13,7 @@ from typing import Any
 from edgecpm.errors import UnsupportedError
 
 SCHEMES = ("none", "int8", "int4", "ternary")
+AUTO_SCHEME = "auto"  # not yet chosen: the device profile's weights, or none (resolved by edgecpm.export_plan)
 # gptq-checkpoint: codes taken from a GPTQ checkpoint; source: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks where
 # they fit (chosen for `--quant int4` of such a file), RTN for its other tensors.
 # auto: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks where they exist ("source"), round-to-nearest elsewhere.
@@ -57,6 +58,8 @@ class QuantSpec:
     overrides: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.scheme == AUTO_SCHEME:
+            return  # the tables are resolved with the scheme
         default = "int8" if self.scheme == "int8" else "int6"
         for name in ("lm_head", "embeddings"):
             if getattr(self, name) == AUTO_TABLE:
@@ -64,7 +67,7 @@ class QuantSpec:
 
     def validate(self, flavour: str) -> QuantSpec:
         """Raises a clear error for combinations a flavour cannot represent, before anything is written."""
-        if self.scheme not in SCHEMES:
+        if self.scheme not in (*SCHEMES, AUTO_SCHEME):  # auto: checked again once the device profile chose a scheme
             raise UnsupportedError(f"unknown scheme {self.scheme!r} (choose from {', '.join(SCHEMES)})", field="--quant")
         if self.method not in METHODS:
             raise UnsupportedError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})", field="--method")
@@ -74,7 +77,7 @@ class QuantSpec:
             if scheme not in SCHEMES:
                 raise UnsupportedError(f"unknown scheme {scheme!r}", field=name)
         for name, scheme in (("--lm-head", self.lm_head), ("--embeddings", self.embeddings)):
-            if scheme not in TABLE_SCHEMES:
+            if scheme not in TABLE_SCHEMES and not (scheme == AUTO_TABLE and self.scheme == AUTO_SCHEME):
                 raise UnsupportedError(f"{scheme} is not a table format (choose from {', '.join(TABLE_SCHEMES)})", field=name)
         if flavour == "standard":
             if self.scheme == "int4" and not self.symmetric:

@@ -5,7 +5,11 @@ ops or `standard` ONNX), `ops` (shared blocks: embedding, MLP/MoE, decoder stack
 builder per architecture, found by registry name), `spec` (typed graph I/O and KV layout), `build`.
 """
 
-from edgecpm.exporters.onnx.build import DATA_FILE, MODEL_FILE, build_onnx
-from edgecpm.exporters.onnx.spec import FLAVOURS, PRECISIONS, ExportOptions, GraphIO
+from edgecpm.optional import require
+
+require("onnx", "export", "exporting ONNX graphs")  # every module below imports it; name the extra if it is missing
+
+from edgecpm.exporters.onnx.build import DATA_FILE, MODEL_FILE, build_onnx  # noqa: E402
+from edgecpm.exporters.onnx.spec import FLAVOURS, PRECISIONS, ExportOptions, GraphIO  # noqa: E402
 
 __all__ = ["DATA_FILE", "FLAVOURS", "MODEL_FILE", "PRECISIONS", "ExportOptions", "GraphIO", "build_onnx"]

@@ -1,8 +1,8 @@
 """Native CPU kernels for decode and prefill (imported as `edgecpm.runtimes.native`): C + OpenMP, built on first use, torch-free.
 
-The onnxruntime backend hands its decode steps, and for quantized bundles its prefill too (then it opens no
-onnxruntime session), to `native_decoder` when the bundle is one the kernels implement; where onnxruntime
-still prefills (fp32 bundles), both write the same KV buffers.
+`NativeBackend` runs a bundle the kernels implement (`native_decoder` says why not otherwise): decode steps,
+and for quantized bundles prompts too (then no onnxruntime session exists). For fp32 bundles the selector
+(runtimes/select.py) lets onnxruntime prefill the same KV state.
 """
 
 from edgecpm.runtimes.native.build import KernelsUnavailable, load_library

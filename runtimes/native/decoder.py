@@ -238,7 +238,7 @@ def _check(manifest: Manifest) -> None:
         (lambda: manifest.flavour != "ort", f"flavour {manifest.flavour} (native decode reads ort bundles)"),
         (lambda: manifest.precision != "fp32", f"precision {manifest.precision} (native decode computes in fp32)"),
         (lambda: manifest.kv_layout.get("mode") != "shared_buffer", "KV layout is not a shared buffer"),
-        (lambda: "tensors" not in manifest.extra, "the bundle has no tensor index (exported by an older edgecpm)"),
+        (lambda: not manifest.tensors, "the bundle has no tensor index (exported by an older edgecpm)"),
         (lambda: arch.get("architecture") not in DECODER_FAMILY, f"architecture {arch.get('architecture')!r}"),
         (lambda: bool(arch.get("num_experts")), "mixture-of-experts feed-forward"),
         (lambda: arch.get("hidden_act") not in ACTIVATIONS, f"activation {arch.get('hidden_act')!r}"),
@@ -322,7 +322,7 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[
     if only_if_faster:
         _check_faster(manifest, library)
     arch = manifest.architecture
-    weights = _Weights(bundle_dir / manifest.extra["data_files"][0], manifest.extra["tensors"], bool(library.ec_vectorised()))
+    weights = _Weights(bundle_dir / manifest.data_files[0], manifest.tensors, bool(library.ec_vectorised()))
     if float_activations := weights.quantized_with_float_activations():
         raise KernelsUnavailable(f"{float_activations[0]} computes with float activations (accuracy level 0)")
     h, vocab, tied = arch["hidden_size"], arch["vocab_size"], arch["tie_word_embeddings"]

@@ -1,39 +1,27 @@
-"""onnxruntime Backend: one InferenceSession, IO binding, KV buffers allocated once at max context.
+"""onnxruntime Backend: one InferenceSession, IO binding, over KV buffers allocated once at max context (runtimes/kv.py).
 
 No torch here (the generation loop and CLI run on numpy + onnxruntime only). Per step the Python work is
 a handful of small binds; KV memory is never allocated or copied per token:
 
-- `shared_buffer` (ort flavour): each cache tensor is one OrtValue [1, heads, max_context, dim] bound as
-  both `past_*` input and `present_*` output; GroupQueryAttention appends in place.
+- `shared_buffer` (ort flavour): each cache tensor is one buffer [1, heads, max_context, dim] bound (as an OrtValue
+  over its memory) as both `past_*` input and `present_*` output; GroupQueryAttention appends in place.
 - `append` (standard flavour): each cache tensor is one numpy buffer [1, max_context, heads, dim]; the
   `past_*` input is bound to its first `position` rows and the `new_*` output straight after them.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from edgecpm.bundle import Manifest
-from edgecpm.errors import BundleError, GenerationError
+from edgecpm.runtimes.cpu import physical_cores
+from edgecpm.runtimes.kv import HostKV
 
 LOGITS = "logits"
 DYNAMIC_BLOCK_BASE = 16  # onnxruntime's dynamic partitioning of parallel loops; see session_options
-
-
-def physical_cores() -> int:
-    try:
-        import psutil
-
-        cores = psutil.cpu_count(logical=False)
-        if cores:
-            return cores
-    except ImportError:
-        pass
-    return os.cpu_count() or 1
 
 
 def session_options(threads: int | None, *, prepack: bool = True, spin: bool = True) -> ort.SessionOptions:
@@ -68,11 +56,9 @@ def session_options(threads: int | None, *, prepack: bool = True, spin: bool = T
 class _SharedBufferCache:
     """KV for GroupQueryAttention graphs: bound once, the graph writes new rows in place."""
 
-    def __init__(self, layout: dict, max_context: int):
-        dtype = np.dtype(layout["dtype"])
-        self.tensors = layout["tensors"]
-        self.values = [ort.OrtValue.ortvalue_from_shape_and_type([1, t["heads"], max_context, t["dim"]], dtype, "cpu", 0)
-                       for t in self.tensors]
+    def __init__(self, kv: HostKV):
+        self.tensors = kv.tensors
+        self.values = [ort.OrtValue.ortvalue_from_numpy(array) for array in kv.arrays]  # on CPU: the arrays' own memory
         # Decode inputs live in OrtValues updated in place: no allocation, no rebinding per token.
         self._ids = np.zeros((1, 1), np.int64)
         self._seqlens = np.zeros((1,), np.int32)
@@ -106,10 +92,10 @@ class _SharedBufferCache:
 class _AppendCache:
     """KV for standard-op graphs: past = buffer prefix, new rows written by the graph right after it."""
 
-    def __init__(self, layout: dict, max_context: int):
-        self.dtype = np.dtype(layout["dtype"])
-        self.tensors = layout["tensors"]
-        self.buffers = [np.zeros((1, max_context, t["heads"], t["dim"]), self.dtype) for t in self.tensors]
+    def __init__(self, kv: HostKV):
+        self.dtype = kv.dtype
+        self.tensors = kv.tensors
+        self.buffers = kv.arrays
         self._ids = np.zeros((1, 1), np.int64)
 
     def bind(self, binding: ort.IOBinding) -> None:
@@ -132,44 +118,25 @@ class _AppendCache:
 KV_CACHES = {"shared_buffer": _SharedBufferCache, "append": _AppendCache}
 
 
-KERNELS = ("auto", "native", "onnxruntime")
-
-
 class OnnxRuntimeBackend:
-    """The `edgecpm.backend.Backend` protocol over one exported bundle.
+    """The `edgecpm.backend.Backend` protocol over one exported bundle's graph on onnxruntime's CPU provider.
 
-    `kernels`: who runs the steps. "native" runs edgecpm's own kernels (edgecpm.runtimes.native) and fails where
-    they do not implement the bundle; "onnxruntime" runs the graph; "auto" (default) uses the kernels where they
-    implement the bundle on a CPU with their vectorised path (docs/BENCHMARKS.md) and the graph elsewhere
-    (`native_unavailable` says why). Where the kernels also prefill (every linear quantized) no onnxruntime
-    session is opened at all (`session` is None): the process holds the weights once, as the kernels'
-    interleaved copy. Otherwise the graph prefills, over the same KV buffers.
+    `kv`: the sequence state to compute on (default: a new one); the selector passes one it shares with the
+    native kernels' decode. `shared_initializers`: weights, by name, to take from these arrays instead of the
+    data file (the kernels' memory map, so the process holds them once; prepacking is then off).
     """
 
     def __init__(self, model_path: Path, manifest: Manifest, *, threads: int | None = None, prepack: bool = True,
-                 spin: bool = True, kernels: str = "auto"):
-        if kernels not in KERNELS:
-            raise GenerationError(f"unknown kernels {kernels!r} (choose from {', '.join(KERNELS)})")
+                 spin: bool = True, kv: HostKV | None = None, shared_initializers: dict[str, np.ndarray] | None = None):
         self.max_context = int(manifest.max_context)
         self.vocab_size = int(manifest.architecture["vocab_size"])
-        layout = manifest.kv_layout
-        if layout.get("mode") not in KV_CACHES:
-            raise BundleError(f"unknown KV layout mode {layout.get('mode')!r}", path=model_path, field="kv_layout.mode")
-        self.cache = KV_CACHES[layout["mode"]](layout, self.max_context)
-        self.native, self.native_unavailable = None, "not requested"
-        if kernels != "onnxruntime":
-            self._attach_native(model_path, manifest, threads, required=kernels == "native")
+        self.kv = kv or HostKV(manifest, path=model_path)
+        self.cache = KV_CACHES[self.kv.mode](self.kv)
+        self.kernels = {"prefill": "onnxruntime", "decode": "onnxruntime", "native_unavailable": None}
         self._logits = np.zeros((1, self.vocab_size), np.float32)
-        self._position = 0
-        self._shared_values: dict[str, ort.OrtValue] = {}
-        self.session = None
-        if self.native is None or not self.native.prefills:  # else the kernels run it all: no graph, weights held once
-            self._open_session(model_path, threads, prepack, spin)
-
-    def _open_session(self, model_path: Path, threads: int | None, prepack: bool, spin: bool) -> None:
         # Float weights the kernels read in place are onnxruntime's initializers too, unpacked: the process holds
         # them once (SmolLM2 fp32: 1113 -> ~600 MB resident) for a ~15% slower prefill (MLAS packs per call).
-        shared = self.native.in_place_tensors() if self.native else {}
+        shared = shared_initializers or {}
         options = session_options(threads, prepack=prepack and not shared, spin=spin)
         self._shared_values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in shared.items()}
         for name, value in self._shared_values.items():
@@ -181,65 +148,26 @@ class OnnxRuntimeBackend:
         self.binding.bind_ortvalue_output(LOGITS, self._logits_value)
         self._run_options = ort.RunOptions()
 
-    def _attach_native(self, model_path: Path, manifest: Manifest, threads: int | None, *, required: bool) -> None:
-        from edgecpm.runtimes.native import KernelsUnavailable, native_decoder
-
-        try:  # native_decoder checks the KV layout is a shared buffer (OrtValues) before it asks for their pointers
-            self.native = native_decoder(model_path.parent, manifest,
-                                         lambda: [value.data_ptr() for value in self.cache.values],
-                                         threads or physical_cores(), only_if_faster=not required)
-            self.native_unavailable = None
-        except KernelsUnavailable as error:
-            if required:
-                raise BundleError(f"native kernels unavailable: {error}", path=model_path) from None
-            self.native_unavailable = str(error)
-
-    @property
-    def kernels(self) -> dict:
-        """Who runs prefill and decode, and why not the native kernels where they do not."""
-        return {"prefill": "onnxruntime" if self.session is not None else "native",
-                "decode": "onnxruntime" if self.native is None else "native", "native_unavailable": self.native_unavailable}
-
     @property
     def position(self) -> int:
-        return self._position
-
-    def _check_room(self, n: int) -> None:
-        if n == 0:
-            raise GenerationError("prefill needs at least one token")
-        if self._position + n > self.max_context:
-            raise GenerationError(f"{self._position + n} tokens exceed the bundle's max context {self.max_context}")
+        return self.kv.position
 
     def _step(self, token_ids: np.ndarray) -> np.ndarray:
         n = token_ids.shape[1]
-        self._check_room(n)
-        self.cache.bind_step(token_ids, self._position)
+        self.kv.check_room(n)
+        self.cache.bind_step(token_ids, self.kv.position)
         self.session.run_with_iobinding(self.binding, self._run_options)
-        self._position += n
+        self.kv.position += n
         return self._logits[0].copy()  # the buffer is overwritten by the next step
 
     def prefill(self, token_ids: np.ndarray) -> np.ndarray:
-        ids = np.ascontiguousarray(np.asarray(token_ids, dtype=np.int64).reshape(1, -1))
-        if self.session is not None:
-            return self._step(ids)
-        return self._native_step(lambda position, logits: self.native.prefill(ids, position, logits), ids.shape[1])
+        return self._step(np.ascontiguousarray(np.asarray(token_ids, dtype=np.int64).reshape(1, -1)))
 
     def decode(self, token_id: int) -> np.ndarray:
-        if self.native is None:
-            return self._step(np.array([[int(token_id)]], np.int64))
-        return self._native_step(lambda position, logits: self.native.decode(token_id, position, logits), 1)
-
-    def _native_step(self, run, count: int) -> np.ndarray:
-        self._check_room(count)
-        run(self._position, self._logits)
-        self._position += count
-        return self._logits[0].copy()
+        return self._step(np.array([[int(token_id)]], np.int64))
 
     def reset(self) -> None:
-        self._position = 0
+        self.kv.position = 0
 
     def truncate(self, position: int) -> None:
-        if not 0 <= position:
-            raise GenerationError(f"cannot truncate to position {position}")
-        # Rows at or after `position` are simply overwritten by the next step; attention never reads them.
-        self._position = min(self._position, int(position))
+        self.kv.truncate(position)

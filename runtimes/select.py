@@ -1,0 +1,116 @@
+"""The one place that chooses who runs a bundle: TensorRT, edgecpm's native kernels or onnxruntime.
+
+`kernels` (the `--kernels` option, $EDGECPM_KERNELS, `edgecpm.load(kernels=...)`):
+- "auto" (default): the bundle's TensorRT engine where it holds one pinned to this GPU; else the native
+  kernels where they implement the bundle on this CPU's vectorised path (docs/BENCHMARKS.md); else
+  onnxruntime. Where the kernels decode but do not prefill (fp32 bundles), onnxruntime prefills the same
+  KV state over the same memory-mapped weights.
+- "tensorrt", "native", "onnxruntime": that one, or an error saying why it cannot.
+
+Every backend reports who ran prefill and decode (`backend.kernels`), and why not native where it is not.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edgecpm.backend import Backend
+from edgecpm.bundle import Manifest, read_manifest
+from edgecpm.errors import BundleError, GenerationError
+from edgecpm.runtimes.kv import HostKV
+
+KERNELS = ("auto", "tensorrt", "native", "onnxruntime")
+
+
+class PromptDecodeSplit:
+    """Prompts on one backend, decode steps on another, both computing on one KV state (neither hosts the other)."""
+
+    def __init__(self, prompts: Backend, steps: Backend, kv: HostKV):
+        self.prompts, self.steps, self.kv = prompts, steps, kv
+        self.max_context, self.vocab_size = steps.max_context, steps.vocab_size
+        self.kernels = {"prefill": prompts.kernels["prefill"], "decode": steps.kernels["decode"], "native_unavailable": None}
+
+    @property
+    def position(self) -> int:
+        return self.kv.position
+
+    def prefill(self, token_ids):
+        return self.prompts.prefill(token_ids)
+
+    def decode(self, token_id: int):
+        return self.steps.decode(token_id)
+
+    def reset(self) -> None:
+        self.kv.position = 0
+
+    def truncate(self, position: int) -> None:
+        self.kv.truncate(position)
+
+
+def _onnxruntime(bundle: Path, manifest: Manifest, threads, prepack, spin, **shared) -> Backend:
+    from edgecpm.runtimes.onnxruntime.backend import OnnxRuntimeBackend
+
+    if prepack is None:
+        # MatMulNBits needs prepacked weights for its int8-activation kernels (SmolLM2 int8 without: 1.4 vs 57 tok/s);
+        # the standard flavour, run as an exact reference of the TensorRT input, is not rewritten into them.
+        prepack = manifest.flavour == "ort"
+    return OnnxRuntimeBackend(bundle / manifest.model_file, manifest, threads=threads, prepack=prepack, spin=spin, **shared)
+
+
+def _native(bundle: Path, manifest: Manifest, threads, prepack, spin, *, required: bool) -> tuple[Backend | None, str | None]:
+    from edgecpm.runtimes.native import KernelsUnavailable
+    from edgecpm.runtimes.native.backend import NativeBackend
+
+    try:
+        native = NativeBackend(bundle, manifest, threads=threads, only_if_faster=not required)
+    except KernelsUnavailable as error:
+        if required:
+            raise BundleError(f"native kernels unavailable: {error}", path=bundle) from None
+        return None, str(error)
+    if native.prefills:
+        return native, None
+    prompts = _onnxruntime(bundle, manifest, threads, prepack, spin, kv=native.kv,
+                           shared_initializers=native.in_place_tensors())
+    return PromptDecodeSplit(prompts, native, native.kv), None
+
+
+def _tensorrt(bundle: Path, manifest: Manifest, *, required: bool) -> tuple[Backend | None, str]:
+    from edgecpm.runtimes.tensorrt import engine_for_this_device
+
+    record, reason = engine_for_this_device(bundle, manifest)
+    if record is None:
+        if required:
+            raise BundleError(f"no TensorRT engine can run here: {reason}", path=bundle)
+        return None, reason
+    from edgecpm.runtimes.tensorrt.backend import TensorRTBackend
+
+    return TensorRTBackend(bundle, manifest, record), ""
+
+
+def load_backend(bundle_dir: str | Path, manifest: Manifest | None = None, *, threads: int | None = None,
+                 prepack: bool | None = None, spin: bool = True, kernels: str | None = None) -> Backend:
+    """The bundle's backend, chosen by `kernels` (default: $EDGECPM_KERNELS, else "auto"; see the module doc).
+
+    `threads`: CPU threads (default: physical cores). `prepack` (onnxruntime) repacks weights into MLAS's layouts
+    (default: on for the `ort` flavour, off for `standard`). `spin` (onnxruntime's default, and what its peers run
+    with) keeps idle intra-op threads spinning between the many small decode ops; pass False where other busy
+    processes share the cores.
+    """
+    bundle = Path(bundle_dir)
+    manifest = manifest or read_manifest(bundle)
+    kernels = kernels or os.environ.get("EDGECPM_KERNELS") or "auto"
+    if kernels not in KERNELS:
+        raise GenerationError(f"unknown kernels {kernels!r} (choose from {', '.join(KERNELS)})")
+    if kernels in ("auto", "tensorrt") and (manifest.engines or kernels == "tensorrt"):
+        backend, _ = _tensorrt(bundle, manifest, required=kernels == "tensorrt")
+        if backend is not None:
+            return backend
+    native_unavailable = "not requested"
+    if kernels in ("auto", "native"):
+        backend, native_unavailable = _native(bundle, manifest, threads, prepack, spin, required=kernels == "native")
+        if backend is not None:
+            return backend
+    backend = _onnxruntime(bundle, manifest, threads, prepack, spin)
+    backend.kernels["native_unavailable"] = native_unavailable
+    return backend
