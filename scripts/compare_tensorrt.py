@@ -40,8 +40,7 @@ def first_near_tie(logits: list[np.ndarray], tie: float) -> int | None:
 
 
 def compare(bundle: Path, prompts: list[str], steps: int, tie: float) -> bool:
-    from edgecpm.runtimes import load_backend as load_ort
-    from edgecpm.runtimes.tensorrt import load_backend as load_trt
+    from edgecpm.runtimes import load_backend
 
     from edgecpm.api import load
     from edgecpm.bundle import read_manifest
@@ -49,7 +48,8 @@ def compare(bundle: Path, prompts: list[str], steps: int, tie: float) -> bool:
     manifest = read_manifest(bundle)
     engine = load(bundle, kernels="onnxruntime")
     raw = not manifest.tokenizer.get("chat_template_file")
-    reference, candidate = load_ort(bundle, manifest, kernels="onnxruntime"), load_trt(bundle, manifest)
+    reference, candidate = (load_backend(bundle, manifest, kernels=kernels)
+                                      for kernels in ("onnxruntime", "tensorrt"))
     ok = True
     for prompt in prompts:
         ids = engine.prompt_ids(prompt, raw=raw)

@@ -414,8 +414,8 @@ def tensorrt_host():
 @pytest.mark.gpu
 def test_engine_build_pins_the_engine_and_matches_onnxruntime(tensorrt_host, standard_bundle, tmp_path):
     from edgecpm.exporters.tensorrt.build import build_engine
-    from edgecpm.runtimes import load_backend as load_ort
-    from edgecpm.runtimes.tensorrt import load_backend as load_trt
+    from edgecpm.runtimes import load_backend
+    from edgecpm.runtimes.tensorrt.backend import TensorRTBackend
 
     bundle = tmp_path / "bundle"
     bundle.mkdir()
@@ -427,7 +427,8 @@ def test_engine_build_pins_the_engine_and_matches_onnxruntime(tensorrt_host, sta
     assert (record.tensorrt_version, record.sm, record.gpu_name) == (tensorrt_host.tensorrt_version, tensorrt_host.sm,
                                                                       tensorrt_host.gpu_name)
     assert engine_for_this_device(bundle, manifest) == (record, "")
-    reference, engine = load_ort(bundle, manifest, kernels="onnxruntime"), load_trt(bundle, manifest, verify=True)
+    reference, engine = load_backend(bundle, manifest, kernels="onnxruntime"), TensorRTBackend(bundle, manifest, record, verify=True)
+    assert load_backend(bundle, manifest).kernels["decode"] == "tensorrt"  # auto picks the pinned engine
     prompt = np.array([5, 9, 11, 40, 7, 100, 3] * 4, np.int64)  # 28 tokens: two prefill chunks of at most 16
     ref, got = [reference.prefill(prompt)], [engine.prefill(prompt)]
     for _ in range(20):

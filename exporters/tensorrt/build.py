@@ -34,10 +34,11 @@ from edgecpm.exporters.tensorrt.pin import HostFacts, current_host
 
 from edgecpm.bundle import EngineRecord, Manifest, read_manifest, write_manifest
 from edgecpm.errors import BundleError, EdgecpmError, MissingDependencyError, UnsupportedError
+from edgecpm.planner import PREFILL_PASS
 
 ENGINE_DIR = "tensorrt"
 TIMING_CACHE = f"{ENGINE_DIR}/timing.cache"
-DEFAULT_PREFILL_MAX = 512
+DEFAULT_PREFILL_MAX = PREFILL_PASS["tensorrt"]  # the prompt tokens per pass the memory planner allows for
 PROFILE_NAMES = ("prefill", "decode")  # optimization profile 0, 1 (the runtime looks them up by name)
 SEQUENCE, PAST = "sequence_length", "past_sequence_length"
 PRECISION_FLAGS = {"fp16": "FP16", "bf16": "BF16", "int8": "INT8", "int4": "INT4", "fp8": "FP8", "tf32": "TF32"}

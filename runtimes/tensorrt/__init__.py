@@ -1,15 +1,15 @@
 """TensorRT backend (imported as `edgecpm.runtimes.tensorrt`); torch-free, and nothing heavy at import time.
 
 `engine_for_this_device(bundle_dir, manifest)` says whether the bundle holds an engine that runs on this machine
-(the record, "") or why not (None, the reason, with the command that builds one here); `load_backend` opens it.
-tensorrt and cuda-python are imported inside those functions only.
+(the record, "") or why not (None, the reason, with the command that builds one here); the one selector,
+`edgecpm.runtimes.load_backend`, opens it. tensorrt and cuda-python are imported inside functions only.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from edgecpm.bundle import EngineRecord, Manifest, read_manifest
+from edgecpm.bundle import EngineRecord, Manifest
 
 
 def engine_for_this_device(bundle_dir: str | Path, manifest: Manifest, *, host=None) -> tuple[EngineRecord | None, str]:
@@ -45,20 +45,4 @@ def engine_for_this_device(bundle_dir: str | Path, manifest: Manifest, *, host=N
                   f"{rebuild_command(bundle_dir, record.device)}")
 
 
-def load_backend(bundle_dir: str | Path, manifest: Manifest | None = None, *, verify: bool = False):
-    """Opens the bundle's engine for this machine; BundleError with the reason (and rebuild command) where none runs."""
-    from edgecpm.exporters.tensorrt.pin import current_host
-    from edgecpm.runtimes.tensorrt.backend import TensorRTBackend
-
-    from edgecpm.errors import BundleError
-
-    bundle_dir = Path(bundle_dir)
-    manifest = manifest or read_manifest(bundle_dir)
-    host = current_host()
-    record, reason = engine_for_this_device(bundle_dir, manifest, host=host)
-    if record is None:
-        raise BundleError(reason, path=bundle_dir)
-    return TensorRTBackend(bundle_dir, manifest, record, host=host, verify=verify)
-
-
-__all__ = ["engine_for_this_device", "load_backend"]
+__all__ = ["engine_for_this_device"]
