@@ -142,6 +142,7 @@ BAD_PROFILES = [
      "must be a positive number, got -1"),
     ("memory-not-a-number", "x86-avx2", ("memory_gib = 16", 'memory_gib = "16"'), "hardware.memory_gib",
      "must be a positive number, got '16'"),
+    ("kv-dtype-not-the-graphs", "rtx-4090", ('kv_dtype = "fp16"', 'kv_dtype = "fp32"'), "export.kv_dtype", "must equal dtype"),
     ("memory-is-bool", "x86-avx2", ("memory_gib = 16", "memory_gib = true"), "hardware.memory_gib", "got true"),
     ("memory-nan", "x86-avx2", ("memory_gib = 16", "memory_gib = nan"), "hardware.memory_gib", "got nan"),
     ("reserve-exceeds-memory", "x86-avx2", ("reserved_gib = 4", "reserved_gib = 16"), "memory.reserved_gib",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from edgecpm.resources import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecpm.errors import EdgecpmError
+from edgecpm.resources import tomllib
 
 SCHEMA_VERSION = 1
 BACKENDS = ("tensorrt", "onnxruntime", "native")
@@ -424,9 +424,11 @@ def _hardware(hw: _Table) -> HardwareFacts:
 
 def _export(export: _Table) -> ExportDefaults:
     export.only("flavour", "dtype", "weights", "kv_dtype", "max_context")
-    return ExportDefaults(flavour=export.string("flavour", choices=FLAVOURS), dtype=export.string("dtype", choices=DTYPES),
-                          weights=export.string("weights", choices=WEIGHTS),
-                          kv_dtype=export.string("kv_dtype", choices=DTYPES),
+    dtype, kv_dtype = export.string("dtype", choices=DTYPES), export.string("kv_dtype", choices=DTYPES)
+    if kv_dtype != dtype:  # exported graphs cache keys and values at their activation precision
+        raise export.error("kv_dtype", f"must equal dtype ({dtype}): the graph caches K/V at its activation precision")
+    return ExportDefaults(flavour=export.string("flavour", choices=FLAVOURS), dtype=dtype,
+                          weights=export.string("weights", choices=WEIGHTS), kv_dtype=kv_dtype,
                           max_context=export.integer("max_context", minimum=1, default=None))
 
 
