@@ -19,6 +19,8 @@ from functools import cache
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels.c")
+# The opt-in build with per-phase timers in ec_decode (`edgecpm profile`); its flags key its own cached library.
+PHASE_TIMER_FLAGS = ("-DEC_PHASE_TIMERS",)
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], ["-O3", "-mcpu=native", "-fopenmp", "-fno-math-errno"])  # x86 / some ARM compilers
 
 
@@ -92,5 +94,7 @@ def _build_and_load(extra_flags: list[str]) -> ctypes.CDLL:
         library.ec_can_prefill.argtypes = [ctypes.c_void_p]
         library.ec_vectorised.restype = ctypes.c_int
         library.ec_vectorised.argtypes = []
+        library.ec_phase_seconds.restype = ctypes.c_int
+        library.ec_phase_seconds.argtypes = [ctypes.c_void_p, ctypes.c_int]
         return library
     raise KernelsUnavailable(f"could not compile {SOURCE.name} with {compiler}: {'; '.join(errors)}")

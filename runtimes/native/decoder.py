@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,12 +22,16 @@ import numpy as np
 from edgecpm.bundle import Manifest
 from edgecpm.errors import GenerationError
 from edgecpm.quant.formats import unpack_low_first
-from edgecpm.runtimes.native.build import KernelsUnavailable, load_library
+from edgecpm.runtimes.native.build import PHASE_TIMER_FLAGS, KernelsUnavailable, load_library
 
 INT8_ACTIVATIONS = 4  # MatMulNBits accuracy level whose arithmetic the kernels reproduce
 MAX_HEAD_DIM = 512
 MAX_BLOCK = 1024  # kernels.c quantize()'s scratch
 ACTIVATIONS = {"silu": 0, "fatrelu": 1}
+# "1": decoders load the kernels built with per-phase timers (kernels.c, EC_PHASE_TIMERS; `edgecpm profile` sets it
+# in its own measuring process only). Read once, when a decoder is made.
+PHASE_TIMERS_ENV = "EDGECPM_NATIVE_PHASE_TIMERS"
+PHASES = ("embedding", "norm", "attention", "linear", "lm_head")  # kernels.c's EC_PHASE_*, in order
 
 
 TABLE = "embed_tokens"
@@ -296,6 +301,14 @@ class NativeDecoder:
         if status:
             raise GenerationError(f"native prefill refused {len(ids)} tokens at position {position} (status {status})")
 
+    def phase_seconds(self, reset: bool = False) -> dict[str, float] | None:
+        """Seconds per phase (PHASES) of the decode steps since the last reset, in the timed build (PHASE_TIMERS_ENV);
+        None in the default build. The counters are the library's, shared by every decoder of this process."""
+        out = (ctypes.c_double * len(PHASES))()
+        if self._library.ec_phase_seconds(out, int(reset)) != len(PHASES):
+            return None
+        return dict(zip(PHASES, out))
+
     def in_place_tensors(self) -> dict[str, np.ndarray]:
         """Every tensor of the bundle as a view of the memory map, when the kernels compute on them as stored
         (float bundles; quantized ones decode from an interleaved copy): what onnxruntime can share."""
@@ -318,7 +331,7 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[
     layer (asked once the bundle passed the checks). `only_if_faster`: also refuse bundles the kernels
     implement but decode slower than onnxruntime."""
     _check(manifest)
-    library = load_library()
+    library = load_library(PHASE_TIMER_FLAGS) if os.environ.get(PHASE_TIMERS_ENV) == "1" else load_library()
     if only_if_faster:
         _check_faster(manifest, library)
     arch = manifest.architecture

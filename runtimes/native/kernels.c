@@ -46,6 +46,52 @@ static inline float hsum(__m256 v) {
 #endif
 #endif
 
+/* Opt-in per-phase timers (a separate build with -DEC_PHASE_TIMERS, for `edgecpm profile`): thread 0 adds the wall
+ * time since its previous mark to a phase at each mark of ec_decode; marks sit after the team's barriers where there
+ * are any, so the phases of a step sum to the step's parallel region. Without the flag the marks are empty. */
+#define EC_PHASE_EMBED 0
+#define EC_PHASE_NORM 1 /* RMSNorm and the residual adds before it */
+#define EC_PHASE_ATTENTION 2
+#define EC_PHASE_LINEAR 3 /* the layers' projections, their input quantization and the gated activation */
+#define EC_PHASE_HEAD 4
+#define EC_PHASES 5
+#ifdef EC_PHASE_TIMERS
+#include <time.h>
+static double ec_phase_total[EC_PHASES], ec_phase_last;
+static double ec_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+#define EC_PHASE_BEGIN() do { if (omp_get_thread_num() == 0) ec_phase_last = ec_now(); } while (0)
+#define EC_PHASE(p)                                                                                                    \
+    do {                                                                                                               \
+        if (omp_get_thread_num() == 0) {                                                                               \
+            const double now_ = ec_now();                                                                              \
+            ec_phase_total[p] += now_ - ec_phase_last;                                                                 \
+            ec_phase_last = now_;                                                                                      \
+        }                                                                                                              \
+    } while (0)
+#else
+#define EC_PHASE_BEGIN() ((void)0)
+#define EC_PHASE(p) ((void)0)
+#endif
+
+/* Seconds per EC_PHASE_* summed over ec_decode calls since the last reset (reset: zero them after reading). Returns
+ * how many phases it wrote: EC_PHASES in the timed build, 0 in the default one. */
+int ec_phase_seconds(double *out, int reset) {
+#ifdef EC_PHASE_TIMERS
+    for (int p = 0; p < EC_PHASES; p++) {
+        out[p] = ec_phase_total[p];
+        if (reset) ec_phase_total[p] = 0.0;
+    }
+    return EC_PHASES;
+#else
+    (void)out; (void)reset;
+    return 0;
+#endif
+}
+
 #define EC_WORD 4 /* bytes of one row's codes per 32-bit lane */
 /* How the interleaved copy holds the block scales: fp32 per block, fp16 per block (where that is exact: the
  * exporter computes scales at fp16 precision), or one fp32 scale per row (BitCPM ternary: all blocks alike). */
@@ -1039,12 +1085,16 @@ int ec_decode(const ec_model *m, ec_state *st, int token, int position, float *l
         ec_thread *own = &st->thread[omp_get_thread_num()];
         float *x = own->residual, *h = own->normed;
         ec_scratch *s = &own->s;
+        EC_PHASE_BEGIN();
         embed(m, token, x);
+        EC_PHASE(EC_PHASE_EMBED);
         for (int li = 0; li < m->layers; li++) {
             const ec_layer *l = &m->layer[li];
             rms_norm(x, l->input_norm, H, m->eps, h);
+            EC_PHASE(EC_PHASE_NORM);
             prepare_input(&l->qkv, h, s);
             linear_team(&l->qkv, h, s, st->threads, st->qkv);
+            EC_PHASE(EC_PHASE_LINEAR);
             {
                 ec_attention *at = &st->attention;
                 const int splits = attention_splits(m, position);
@@ -1053,10 +1103,13 @@ int ec_decode(const ec_model *m, ec_state *st, int token, int position, float *l
                     attend_range(m, l, item / splits, item % splits, splits, position, st->qkv, at, own->scores, 1);
                 combine_attention(m, at, splits, h); /* every thread, into its own buffer: no barrier */
             }
+            EC_PHASE(EC_PHASE_ATTENTION);
             prepare_input(&l->o, h, s);
             linear_team(&l->o, h, s, st->threads, st->branch);
+            EC_PHASE(EC_PHASE_LINEAR);
             for (int i = 0; i < H; i++) x[i] += st->branch[i];
             rms_norm(x, l->post_norm, H, m->eps, h);
+            EC_PHASE(EC_PHASE_NORM);
             prepare_input(&l->gate_up, h, s);
             {
                 /* gate rows [0, I) and up rows [I, 2I) of the same chunk, then gated = act(gate) * up in place */
@@ -1071,11 +1124,14 @@ int ec_decode(const ec_model *m, ec_state *st, int token, int position, float *l
             }
             prepare_input(&l->down, st->gated, s);
             linear_team(&l->down, st->gated, s, st->threads, st->branch);
+            EC_PHASE(EC_PHASE_LINEAR);
             for (int i = 0; i < H; i++) x[i] += st->branch[i];
         }
         rms_norm(x, m->final_norm, H, m->eps, h);
+        EC_PHASE(EC_PHASE_NORM);
         prepare_input(&m->head, h, s);
         linear_team(&m->head, h, s, st->threads, logits);
+        EC_PHASE(EC_PHASE_HEAD);
     }
     return 0;
 }
