@@ -77,7 +77,7 @@ def _quant(checkpoint: Checkpoint, quant: QuantSpec | None, profile: DeviceProfi
     spec = checkpoint_spec(checkpoint, spec)
     if spec is None or not spec.enabled:
         return None
-    spec.validate(flavour)
+    spec = spec.validate(flavour)  # with the flavour's storage layout
     check_flavour(checkpoint, spec, flavour)
     return spec
 

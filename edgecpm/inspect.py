@@ -70,7 +70,8 @@ def describe_plan(checkpoint: Checkpoint, device) -> dict[str, Any]:
         export = {"refused": refused.message}
     alternatives = {}
     for scheme in WEIGHT_SCHEMES[:3]:  # float, int8, int4 (ternary needs a BitCPM checkpoint)
-        storage = Storage(profile.export.dtype, None if scheme == "none" else QuantSpec(scheme=scheme))
+        quant = None if scheme == "none" else QuantSpec(scheme=scheme).for_flavour(profile.export.flavour)
+        storage = Storage(profile.export.dtype, quant)
         plan = plan_memory(checkpoint.config, storage, profile)
         alternatives[storage.label] = {"weight_bytes": plan.weight_bytes, "max_context": plan.max_context, "fits": plan.fits}
     return {"device": profile.name, "budget_bytes": profile.budget_bytes, "export": export, "alternatives": alternatives}

@@ -5,8 +5,9 @@ Everything is arithmetic on the architecture's config and the storage the export
 QuantSpec), so a plan exists before a single tensor is read and an export that cannot fit is refused before
 anything is written. Weight bytes follow the exporter's storage rules (exporters/onnx, edgecpm/quant):
 
-- a quantized weight: its codes (int6 values sit in 8-bit codes, ternary in 2 bits), one scale per block at the
-  export precision, and for asymmetric blocks one packed zero point per block;
+- a quantized weight: its codes (int6 values sit in 8-bit codes, ternary in 2 bits), one scale per block (per
+  output channel where the spec's layout says so: 8-bit codes for TensorRT) at the export precision, and for
+  asymmetric blocks one packed zero point per block;
 - a float weight: its elements at the export precision; norms and biases always so;
 - a tied embedding table read by the head: once when quantized (one shared initializer) or under
   `tied_head="shared"`, twice under `"duplicate"` (a transposed float copy for the head's MatMul);
@@ -121,8 +122,9 @@ def weight_bytes(config: DecoderConfig, storage: Storage) -> dict[str, int]:
                 else "layers" if len(shape) >= 2 else "norms")
         stays_float = quant is None or len(shape) < 2 or name.endswith(architecture.float_weights or ("\0",))
         tq = None if stays_float else quant.for_tensor(name)
+        block = shape[-1] if tq is not None and tq.per_channel else tq.block_size if tq is not None else 0
         roles[role] += numel * float_bytes if tq is None else _quantized_bytes(
-            numel, shape[-1], STORED_BITS[tq.scheme], tq.block_size, tq.symmetric, float_bytes)
+            numel, shape[-1], STORED_BITS[tq.scheme], block, tq.symmetric, float_bytes)
     if config.tie_word_embeddings:
         table = "model.embed_tokens.weight"
         table_quantized = quant is not None and quant.for_tensor(table) is not None
@@ -197,7 +199,8 @@ def _fallback_hint(config: DecoderConfig, plan: MemoryPlan, needed: int, profile
     current = plan.storage.quant.scheme if plan.storage.quant is not None and plan.storage.quant.enabled else "none"
     ladder = ("none", *FALLBACK_SCHEMES)
     for scheme in ladder[ladder.index(current) + 1 if current in ladder else len(ladder):]:
-        storage = Storage(plan.storage.precision, QuantSpec(scheme=scheme, block_size=32), plan.storage.tied_head)
+        quant = QuantSpec(scheme=scheme, block_size=32).for_flavour(profile.export.flavour)
+        storage = Storage(plan.storage.precision, quant, plan.storage.tied_head)
         candidate = plan_memory(config, storage, profile)
         if candidate.max_context is not None and candidate.max_context >= needed:
             return (f"--quant {scheme} would fit ({_gb(candidate.weight_bytes)} of weights, context up to "

@@ -7,6 +7,7 @@ runs on QUALITY_TOKENS evaluation tokens to keep the suite quick.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +61,10 @@ def run_both(model, backend) -> float:
 
 
 def parity(checkpoint_dir: Path, bundle: Path, spec: QuantSpec | None) -> float:
-    """The bundle against the reference on the dequantized weights named in its manifest."""
+    """The bundle against the reference on the dequantized weights named in its manifest (as its flavour stores them)."""
     checkpoint = open_checkpoint(checkpoint_dir)
-    weights = quantized_weights(checkpoint, spec, read_manifest(bundle).quantization["tensors"])
+    manifest = read_manifest(bundle)
+    weights = quantized_weights(checkpoint, spec, manifest.quantization["tensors"], flavour=manifest.flavour)
     return run_both(reference_model(checkpoint, weights), load_backend(bundle, threads=1))
 
 
@@ -84,6 +86,8 @@ def test_quantized_export_matches_reference_on_dequantized_weights(workdir, key,
         write_hf_checkpoint(checkpoint_dir, key)
     bundle = export(checkpoint_dir, workdir / f"{'-'.join(key)}-{flavour}-{scheme}", flavour, quant=SCHEMES[scheme])
     assert parity(checkpoint_dir, bundle, SCHEMES[scheme]) <= FP32_ATOL
+    if flavour == "standard":
+        assert_tensorrt_layout(bundle)
     record = read_manifest(bundle).quantization
     assert record["tensors"]["model.embed_tokens.weight"] == f"{SCHEMES[scheme].embeddings}-rtn"
     assert SCHEMES[scheme].embeddings == {"int4-tables4": "int4", "int8": "int8"}.get(scheme, "int6")  # "auto" resolved
@@ -96,6 +100,46 @@ def _graph(bundle: Path):
     import onnx
 
     return onnx.load(str(bundle / "model.onnx"))
+
+
+def assert_tensorrt_layout(bundle: Path) -> None:
+    """A standard bundle as TensorRT 10.x takes it: every DequantizeLinear scale strictly positive, INT4 blocked along
+    K, INT8 per output channel (no blocks), and the tensor index saying which."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgecpm.exporters.tensorrt.onnx_support import check_model, load_table
+
+    assert check_model(bundle / "model.onnx", load_table(10)) == []
+    graph, index = _graph(bundle).graph, read_manifest(bundle).tensors
+    initializers = {t.name: t for t in graph.initializer}
+    nodes = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert nodes
+    for node in nodes:
+        data, scales = initializers[node.input[0]], numpy_helper.to_array(initializers[node.input[1]], base_dir=str(bundle))
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert (scales > 0).all(), node.input[0]
+        entry = index[node.input[0]]
+        assert entry["axis"] == attributes["axis"] and (entry["k"], entry["n"]) == tuple(data.dims)
+        if data.data_type == TensorProto.INT8:
+            assert scales.shape == (data.dims[1],) and attributes == {"axis": 1} and entry["per_channel"] is True
+            assert "block_size" not in entry and entry["bits"] == 8
+        else:
+            assert data.data_type == TensorProto.INT4 and attributes["axis"] == 0
+            assert entry["block_size"] == attributes["block_size"] and "per_channel" not in entry
+            assert scales.shape == (data.dims[0] // attributes["block_size"], data.dims[1])
+
+
+def test_standard_int8_gptq_is_per_channel(workdir, tmp_path):
+    """GPTQ int8 for the standard flavour: static per-channel scales (one block spanning each row), positive."""
+    source = workdir / "llama-dense"
+    if not source.exists():
+        write_hf_checkpoint(source, ("llama", "dense"))
+    spec = QuantSpec("int8", method="gptq")
+    bundle = export(source, tmp_path / "b", "standard", quant=spec)
+    record = read_manifest(bundle).quantization
+    assert record["tensor_counts"] == {"int8-gptq": 14, "int8-rtn": 1}  # 2 layers of 7 linears, and the tied table
+    assert parity(source, bundle, spec) <= FP32_ATOL
+    assert_tensorrt_layout(bundle)
 
 
 def test_tied_ort_head_shares_the_table_initializer(workdir):
@@ -176,6 +220,48 @@ def test_gptq_checkpoint_exports_its_own_codes(tmp_path, symmetric, act_order):
     assert np.array_equal(stored["model.layers.1.self_attn.o.qweight"], pack_matmul_nbits(o_proj).packed)
     gathers = [n for n in _graph(bundle).graph.node if n.op_type == "Gather" and n.input[1].endswith("input_order")]
     assert bool(gathers) == act_order
+
+
+def test_gptq_checkpoint_exports_its_own_positive_scales_for_standard(tmp_path):
+    source = tmp_path / "gptq"
+    write_gptq_checkpoint(source, ("minicpm", "dense"), group_size=32, symmetric=True, act_order=False)
+    bundle = export(source, tmp_path / "bundle", "standard")
+    record = read_manifest(bundle).quantization
+    assert record["tensor_counts"]["gptq-checkpoint"] == 14
+    assert parity(source, bundle, None) <= FP32_ATOL
+    assert_tensorrt_layout(bundle)
+
+
+def test_gptq_checkpoint_scales_for_the_tensorrt_layout():
+    from edgecpm.quant.formats import quantize_rtn
+    from edgecpm.quant.plan import _positive_checkpoint_scales
+
+    weight = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    weight[0, :32] = 0.0
+    positive = quantize_rtn(weight, 4, 32, positive=True)
+    zero_scale = replace(positive, scales=np.where(np.arange(2) == 0, 0, positive.scales).astype(np.float32))
+    held = _positive_checkpoint_scales(zero_scale, "w")
+    assert (held.scales > 0).all() and np.array_equal(held.dequantize(), zero_scale.dequantize())
+    with pytest.raises(UnsupportedError, match="negative scales.*--flavour ort"):
+        _positive_checkpoint_scales(quantize_rtn(weight, 4, 32), "w")
+
+
+@pytest.mark.parametrize("qtype,labels", [
+    ("Q4_0", {"int4-rtn", "int6-rtn"}),  # negative Q4_0 scales cannot be flipped: re-quantized with positive ones
+    ("Q8_0", {"int8-rtn"}),  # INT8 blocks: per channel, at 8 bits as the file's blocks
+    ("Q4_1", {"int4-rtn", "int6-rtn"}),  # float zero points (the 4-bit table: re-quantized at int6 as ever)
+])
+def test_gguf_blocks_the_tensorrt_layout_cannot_hold_are_requantized_with_a_warning(tmp_path, qtype, labels):
+    from gguf_writer import Q, write_gguf
+
+    written = write_gguf(tmp_path / "m.gguf", ("llama", "dense"), qtype=getattr(Q, qtype))
+    spec = QuantSpec("int4")
+    with pytest.warns(QuantizationWarning, match=rf"were re-quantized \(RTN\).*gguf-{qtype.lower()}: .*perplexity"):
+        bundle = export(written.path, tmp_path / "bundle", "standard", quant=spec)
+    record = read_manifest(bundle).quantization
+    assert record["method"] == "source" and set(record["tensors"].values()) == labels
+    assert parity(written.path, bundle, spec) <= FP32_ATOL
+    assert_tensorrt_layout(bundle)
 
 
 def test_gptq_act_order_is_refused_for_standard(tmp_path):

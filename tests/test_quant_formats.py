@@ -232,3 +232,92 @@ def test_reference_model_is_valid_onnx():
     graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, list(dq.data.shape))],
                               [tensor, numpy_helper.from_array(dq.scales, "S")])
     onnx.checker.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10))
+
+
+# --- positive scales and per-channel codes (the standard flavour's `tensorrt` layout) ----------------
+
+
+def _extremes(weight: np.ndarray, block_size: int) -> np.ndarray:
+    blocks = weight.reshape(weight.shape[0], -1, block_size)
+    return np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_signed_rule_is_kept_without_positive(bits):
+    """The blocked layout (ort) keeps the Q4_0 rule exactly: scale = signed extreme / -2^(bits-1)."""
+    weight = np.random.default_rng(bits).standard_normal((16, 128)).astype(np.float32)
+    quantized = quantize_rtn(weight, bits, 32, scale_dtype=np.float16)
+    expected = (_extremes(weight, 32) / -default_zero_point(bits)).astype(np.float16)
+    assert np.array_equal(quantized.scales, expected) and (quantized.scales < 0).any()
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_positive_rule_maps_the_extreme_to_the_end_of_its_sign(bits, block_size):
+    rng = np.random.default_rng(bits + block_size)
+    weight = rng.standard_normal((16, 128)).astype(np.float32)
+    weight[0, :block_size] = 0.0  # an all-zero block: scale 1, codes at the zero point
+    weight[1, :block_size] = 1e-9  # its scale underflows fp16: scale 1, every code rounds to 0
+    quantized = quantize_rtn(weight, bits, block_size, scale_dtype=np.float16, positive=True)
+    middle = default_zero_point(bits)
+    extremes = _extremes(weight, block_size)
+    assert (quantized.scales > 0).all()
+    assert quantized.scales[0, 0] == 1 and quantized.scales[1, 0] == 1
+    assert (quantized.codes[:2, :block_size] == middle).all()
+    live = np.abs(extremes) > 1e-6
+    negative, positive = live & (extremes < 0), live & (extremes > 0)
+    assert negative.any() and positive.any()
+    signed = quantize_rtn(weight, bits, block_size, scale_dtype=np.float16)
+    assert np.array_equal(quantized.scales[negative], signed.scales[negative])  # as Q4_0 where the extreme is negative
+    assert np.array_equal(quantized.scales[positive], (extremes[positive] / (middle - 1)).astype(np.float16))
+    step = np.repeat(quantized.scales.astype(np.float32), block_size, axis=1)
+    assert np.all(np.abs(quantized.dequantize() - weight) <= step + 1e-6)
+    # a positive extreme is exactly its top code; nothing clips on its side
+    top = quantized.codes.reshape(16, -1, block_size).max(-1)
+    assert np.all(top[positive] == 2 * middle - 1)
+
+
+def test_positive_importance_search_never_loses_to_the_positive_rule():
+    rng = np.random.default_rng(11)
+    weight = rng.standard_normal((64, 256)).astype(np.float32)
+    importance = rng.gamma(0.5, size=256).astype(np.float32)
+    rule = quantize_rtn(weight, 4, 32, scale_dtype=np.float16, positive=True)
+    searched = quantize_rtn(weight, 4, 32, scale_dtype=np.float16, importance=importance, positive=True)
+
+    def weighted_block_error(quantized):
+        return (np.square(quantized.dequantize().astype(np.float32) - weight) * importance).reshape(64, 8, 32).sum(-1)
+
+    assert (searched.scales > 0).all()
+    assert np.all(weighted_block_error(searched) <= weighted_block_error(rule) * (1 + 1e-6))
+    assert weighted_block_error(searched).sum() < 0.8 * weighted_block_error(rule).sum()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("bits", [8, 6])
+def test_per_channel_dequantize_linear_reads_reference_bit_exactly(dtype, bits):
+    """8-bit codes one scale per output channel (int6 values carried in int8 codes): per-axis DequantizeLinear."""
+    weight = np.random.default_rng(bits).standard_normal((48, 96)).astype(np.float32)
+    quantized = widened(quantize_rtn(weight, bits, 96, scale_dtype=dtype, positive=True))  # one block spans K
+    dq = to_dequantize_linear(quantized)
+    assert dq.per_channel and dq.scales.shape == (1, 48) and (dq.scales > 0).all()
+    assert not to_dequantize_linear(quantize_rtn(weight, 8, 32)).per_channel
+    k, n = dq.data.shape
+    node = helper.make_node("DequantizeLinear", ["W", "S"], ["Y"], axis=1)
+    session = _session([node], [], [helper.make_tensor_value_info("Y", ONNX_FLOAT[dtype], [k, n])],
+                       [numpy_helper.from_array(dq.data, "W"), numpy_helper.from_array(dq.scales[0], "S")])
+    assert np.array_equal(session.run(None, {})[0], dequantize_linear_reference(dq))
+    assert np.array_equal(dequantize_linear_reference(dq), quantized.dequantize().T)
+
+
+def test_the_tensorrt_layout_is_recorded_and_chosen_by_the_flavour():
+    spec = QuantSpec("int4")
+    assert spec.layout == "auto" and spec.for_tensor("model.layers.0.mlp.up_proj.weight").positive_scales is False
+    standard, ort = spec.validate("standard"), spec.validate("ort")
+    assert (standard.layout, ort.layout, spec.validate(None).layout) == ("tensorrt", "blocked", "auto")
+    layer, table = (standard.for_tensor(n) for n in ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight"))
+    assert (layer.per_channel, layer.positive_scales, table.scheme, table.per_channel) == (False, True, "int6", True)
+    assert ort.for_tensor("model.embed_tokens.weight") == spec.for_tensor("model.embed_tokens.weight")  # as before
+    assert QuantSpec.from_dict(standard.to_dict()) == standard
+    assert QuantSpec.from_dict({"scheme": "int4"}).layout == "auto"  # a manifest from before the field: blocked
+    with pytest.raises(UnsupportedError, match="stores the tensorrt layout"):
+        ort.validate("standard")

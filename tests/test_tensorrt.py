@@ -380,20 +380,34 @@ def test_int4_linears_have_the_layout_of_tensorrt_weight_only_int4_gemm(graphs, 
     model = onnx.load(str(graphs[case]), load_external_data=False)
     int4 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4}
     assert int4, "the int4 export stores INT4 initializers"
-    layout = [f for f in int4_weight_only_findings(graphs[case]) if "strictly positive" not in f.message]
+    layout = int4_weight_only_findings(graphs[case])
     assert layout == [], "; ".join(map(str, layout[:5]))
 
 
-# The exporter's quantized standard graphs break two of TensorRT 10.x's DequantizeLinear rules (details in
-# onnx_ops_trt10.toml [quantization] and in edgecpm.exporters.tensorrt.onnx_support): symmetric blocks take the Q4_0
-# rule's signed scale (extreme / -8, / -128), so about half the scales are negative where TensorRT wants every scale
-# strictly positive; and int8 linears and the int6/int8 embedding and head tables are INT8 blocks, where 10.x blocks
-# INT4 only. Strict: the day the exporter meets the rules, this fails and the marker goes.
-@pytest.mark.xfail(strict=True, reason="exporter: negative Q4_0-rule scales and INT8 blocks (TensorRT 10.x rules)")
+# TensorRT 10.x's DequantizeLinear rules (onnx_ops_trt10.toml [quantization], edgecpm.exporters.tensorrt.onnx_support):
+# every scale strictly positive (the standard flavour's `tensorrt` layout does not take the Q4_0 rule's signed scales),
+# and blocks for INT4 only: int8 linears and the int8/int6 embedding and head tables are per output channel.
 @pytest.mark.parametrize("case", [c for c in GRAPH_CASES if c[2] != "none"], ids=_case_id)
 def test_quantized_graphs_meet_tensorrt_10_dequantize_rules(graphs, case):
+    import onnx
+
     findings = check_model(graphs[case], load_table(10))
     assert findings == [], "; ".join(map(str, findings[:5]))
+    model = onnx.load(str(graphs[case]), load_external_data=False)
+    initializers = {t.name: t for t in model.graph.initializer}
+    dequantize = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dequantize, "a quantized export dequantizes its weights"
+    kinds = set()
+    for node in dequantize:
+        data, attributes = initializers[node.input[0]], {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        kinds.add(data.data_type)
+        if data.data_type == onnx.TensorProto.INT8:  # per output channel: scales [N] along axis 1, no blocks
+            assert "block_size" not in attributes and attributes["axis"] == 1
+            assert list(initializers[node.input[1]].dims) == [data.dims[1]]
+        else:
+            assert data.data_type == onnx.TensorProto.INT4 and attributes["axis"] == 0 and attributes["block_size"] == 32
+    # int4 exports: INT4 linears and int6 tables (8-bit codes); int8 exports: INT8 throughout
+    assert kinds == ({onnx.TensorProto.INT8} if case[2] == "int8" else {onnx.TensorProto.INT4, onnx.TensorProto.INT8})
 
 
 # --- on a machine with TensorRT and a GPU ----------------------------------------------------------------------

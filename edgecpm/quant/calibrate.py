@@ -108,17 +108,18 @@ def accumulate_hessians(model, sequences: Iterable[np.ndarray], weight_names: It
 
 
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, *, symmetric: bool = True,
-                  scale_dtype=np.float32, damping: float = DAMPING, act_order: bool = True) -> BlockQuantized:
+                  scale_dtype=np.float32, damping: float = DAMPING, act_order: bool = True,
+                  positive: bool = False) -> BlockQuantized:
     """GPTQ (Frantar et al., 2022) with static per-block scales; returns codes in the RTN layout.
 
     `hessian`: the [K, K] second moment of the layer's inputs (any positive scale). `act_order` rounds the
     most active input channels first, while the most error can still be compensated; with static scales
-    the stored layout stays in natural channel order.
+    the stored layout stays in natural channel order. `positive`: strictly positive scales (quantize_rtn's).
     """
     import torch
 
     reference = quantize_rtn(weight, bits, block_size, symmetric=symmetric, scale_dtype=scale_dtype,
-                             importance=np.diag(hessian))
+                             importance=np.diag(hessian), positive=positive)
     if weight.shape[1] % block_size:
         return reference  # the padded tail block has no Hessian rows; RTN is exact enough for such shapes
     w = torch.from_numpy(np.array(weight, dtype=np.float32))

@@ -85,28 +85,34 @@ def _blocks(weight: np.ndarray, block_size: int, pad_value: float = 0.0) -> np.n
 
 # Candidate scales per block, as fractions of the Q4_0 rule's (the extreme value at the most negative code) and of
 # the mirrored rule (the extreme at the most positive code); the rule itself is a candidate, so a searched block
-# is never worse than it. Searched only where per-channel importance is known (GPTQ's Hessian diagonal): on
-# SmolLM2 an unweighted search cut int4 RTN's squared weight error by 22% and left perplexity as it was
-# (+19.1% vs +18.6%), while the weighted one moved GPTQ from +8.7% to +6.5% (mean KL 0.086 -> 0.077).
+# is never worse than it (under `positive`, only the candidates of positive sign compete). Searched only where
+# per-channel importance is known (GPTQ's Hessian diagonal): on SmolLM2 an unweighted search cut int4 RTN's
+# squared weight error by 22% and left perplexity as it was (+19.1% vs +18.6%), while the weighted one moved GPTQ
+# from +8.7% to +6.5% (mean KL 0.086 -> 0.077).
 SCALE_SEARCH = np.linspace(0.6, 1.0, 17)
 SEARCHED_BITS = 4  # at 8 bits the rule is already near-lossless; searching would only slow the export
 SEARCH_ROWS = 2048  # rows per pass: bounds the temporaries at a few times that many rows of the weight
 
 
 def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, *, symmetric: bool = True,
-                 scale_dtype: np.dtype = np.float32, importance: np.ndarray | None = None) -> BlockQuantized:
-    """Round-to-nearest blockwise quantization of a [N, K] weight.
+                 scale_dtype: np.dtype = np.float32, importance: np.ndarray | None = None,
+                 positive: bool = False) -> BlockQuantized:
+    """Round-to-nearest blockwise quantization of a [N, K] weight (`block_size` K: one scale per output channel).
 
     Symmetric blocks use the llama.cpp Q4_0 rule (the largest-magnitude value maps to the most negative code,
-    so the full code range is used); given `importance` [K] (GPTQ passes its Hessian diagonal, each input
-    channel's mean squared activation), 4-bit blocks take instead the SCALE_SEARCH candidate with the least
-    importance-weighted squared rounding error. Asymmetric blocks span [min(w, 0), max(w, 0)].
+    so the full code range is used, and the scale takes the sign of minus that value); given `importance` [K]
+    (GPTQ passes its Hessian diagonal, each input channel's mean squared activation), 4-bit blocks take instead
+    the SCALE_SEARCH candidate with the least importance-weighted squared rounding error. `positive` (TensorRT's
+    DequantizeLinear takes strictly positive scales only): the largest-magnitude value maps to the end of the code
+    range of its own sign (-8 or +7 at 4 bits; a negative one exactly as Q4_0 does), and an all-zero block takes
+    scale 1. Asymmetric blocks span [min(w, 0), max(w, 0)].
     """
     weight = np.asarray(weight, dtype=np.float32)
     blocks = _blocks(weight, block_size)
     top = (1 << bits) - 1
     if symmetric:
-        scales = np.concatenate([_symmetric_scales(blocks[start:start + SEARCH_ROWS], bits, scale_dtype, importance)
+        scales = np.concatenate([_symmetric_scales(blocks[start:start + SEARCH_ROWS], bits, scale_dtype, importance,
+                                                   positive)
                                  for start in range(0, blocks.shape[0], SEARCH_ROWS)])
         zeros = np.full(scales.shape, default_zero_point(bits), dtype=np.uint8)
     else:
@@ -117,11 +123,14 @@ def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, *, symmetric: b
     return encode_with_scales(weight, scales, zeros, bits, block_size)
 
 
-def _symmetric_scales(blocks: np.ndarray, bits: int, scale_dtype, importance: np.ndarray | None) -> np.ndarray:
+def _symmetric_scales(blocks: np.ndarray, bits: int, scale_dtype, importance: np.ndarray | None,
+                      positive: bool = False) -> np.ndarray:
     middle = default_zero_point(bits)
     index = np.abs(blocks).argmax(axis=-1)[..., None]
     extreme = np.take_along_axis(blocks, index, axis=-1)[..., 0]
-    rule = (extreme / -middle).astype(scale_dtype)
+    # the divisors the candidates are tried with: both signs, or under `positive` the one of the extreme's sign
+    divisors = (np.where(extreme < 0, np.float32(-middle), np.float32(middle - 1)),) if positive else (-middle, middle - 1)
+    rule = _positive(extreme / divisors[0], scale_dtype) if positive else (extreme / -middle).astype(scale_dtype)
     if bits > SEARCHED_BITS or importance is None:
         return rule
     channel_weight = _blocks(np.asarray(importance, dtype=np.float32)[None, :], blocks.shape[-1])  # [1, blocks, block]
@@ -132,13 +141,21 @@ def _symmetric_scales(blocks: np.ndarray, bits: int, scale_dtype, importance: np
         return (np.square(blocks - codes * step) * channel_weight).sum(axis=-1)
 
     best, best_error = rule, error(rule)
-    for divisor in (-middle, middle - 1):
+    for divisor in divisors:
         for fraction in SCALE_SEARCH:
-            candidate = (extreme * np.float32(fraction) / divisor).astype(scale_dtype)
+            candidate = extreme * np.float32(fraction) / divisor
+            candidate = _positive(candidate, scale_dtype) if positive else candidate.astype(scale_dtype)
             candidate_error = error(candidate)
             better = candidate_error < best_error
             best, best_error = np.where(better, candidate, best), np.where(better, candidate_error, best_error)
     return best
+
+
+def _positive(scales: np.ndarray, scale_dtype) -> np.ndarray:
+    """Scales rounded to their storage type, 1 where that is not positive: an all-zero block, or one so small that
+    its scale underflows (every code of such a block rounds to 0 at scale 1, so its values stay 0)."""
+    stored = scales.astype(scale_dtype)
+    return np.where(stored > 0, stored, np.ones((), scale_dtype)).astype(scale_dtype)
 
 
 def encode_with_scales(weight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, block_size: int) -> BlockQuantized:
@@ -224,17 +241,24 @@ def unpack_matmul_nbits(weights: MatMulNBitsWeights) -> BlockQuantized:
     return BlockQuantized(codes, weights.scales.reshape(n, blocks), zeros, bits, weights.block_size, weights.in_features)
 
 
-# --- Blocked DequantizeLinear (standard ONNX, opset 21; what TensorRT takes for weight-only int4/int8) --
+# --- DequantizeLinear (standard ONNX, opset 21; what TensorRT takes for weight-only int4/int8) ----------
 
 
 @dataclass(frozen=True)
 class DequantizeLinearWeights:
-    """A transposed weight [K, N] as signed integers blocked along axis 0, for MatMul(x, DQ(w))."""
+    """A transposed weight [K, N] as signed integers blocked along axis 0, for MatMul(x, DQ(w)).
+
+    One block spanning K (`per_channel`) is per-axis DequantizeLinear: scales [N] along axis 1, no block_size.
+    """
 
     data: np.ndarray  # int8 [K, N] values in [-2^(bits-1), 2^(bits-1)); pack_int4_bytes gives the INT4 layout
     scales: np.ndarray  # [n_blocks, N]
     bits: int
     block_size: int
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scales.shape[0] == 1 and self.block_size == self.data.shape[0]
 
 
 def to_dequantize_linear(quantized: BlockQuantized) -> DequantizeLinearWeights:

@@ -36,6 +36,7 @@ CALIBRATION_TOKENS = 8192  # the shipped calibration text is ~4k tokens (SmolLM2
 # output error 0.083 for RTN -> 0.114); 1.0 gives 0.079. Full-rank layers keep a light 0.1.
 DAMPING_FULL_RANK, DAMPING_RANK_DEFICIENT = 0.1, 1.0
 MIN_BLOCK = 16  # MatMulNBits' smallest block
+INT8_BLOCKS = "INT8 blocks"  # GGUF Q8_0 under the tensorrt layout (TensorRT 10.x blocks INT4 only)
 
 
 class QuantizationWarning(UserWarning):
@@ -63,14 +64,16 @@ def _scale_dtype(weight: np.ndarray, quantizer) -> np.dtype:
 
 def _integer(weight, name, tq, quantizer) -> tuple[BlockQuantized, str]:
     hessian = quantizer.calibration.get(name)
+    block = weight.shape[1] if tq.per_channel else tq.block_size  # per channel: one block spans the input
     if quantizer.spec.method == "gptq" and hessian is not None:
         from edgecpm.quant.calibrate import gptq_quantize
 
         damping = DAMPING_FULL_RANK if hessian.rows >= weight.shape[1] else DAMPING_RANK_DEFICIENT
-        return (widened(gptq_quantize(weight, hessian.matrix, tq.bits, tq.block_size, symmetric=tq.symmetric,
-                                      scale_dtype=_scale_dtype(weight, quantizer), damping=damping)), f"{tq.scheme}-gptq")
-    return widened(quantize_rtn(weight, tq.bits, tq.block_size, symmetric=tq.symmetric,
-                                scale_dtype=_scale_dtype(weight, quantizer))), f"{tq.scheme}-rtn"
+        return (widened(gptq_quantize(weight, hessian.matrix, tq.bits, block, symmetric=tq.symmetric,
+                                      scale_dtype=_scale_dtype(weight, quantizer), damping=damping,
+                                      positive=tq.positive_scales)), f"{tq.scheme}-gptq")
+    return widened(quantize_rtn(weight, tq.bits, block, symmetric=tq.symmetric, scale_dtype=_scale_dtype(weight, quantizer),
+                                positive=tq.positive_scales)), f"{tq.scheme}-rtn"
 
 
 def _ternary(weight, name, tq, quantizer) -> tuple[BlockQuantized, str]:
@@ -102,11 +105,14 @@ class WeightQuantizer:
     # GGUF blocks (edgecpm.checkpoint.gguf_file.GGUFBlocks) used, where they fit, instead of quantizing.
     source: Mapping[str, Callable[[], GPTQLinear]] = field(default_factory=dict)
     float_zero_points: bool = True  # the flavour can hold non-integer zero points (ort MatMulNBits)
+    # name -> the file's blocks it had ("gguf-q4_0: negative scales"), for tensors whose source blocks the layout
+    # could not hold, re-quantized instead (warned about by warn_if_lossy)
+    requantized: dict[str, str] = field(default_factory=dict)
 
     def storage(self, name: str, role: str | None = None) -> TensorQuant | None:
         """`role`: the tensor whose spec applies (a tied LM head reads the table as "lm_head.weight")."""
         if role is None and name in self.prequantized:
-            return TensorQuant("int4", self.spec.block_size, self.spec.symmetric)
+            return TensorQuant("int4", self.spec.block_size, self.spec.symmetric, positive_scales=self.spec.positive_scales)
         return self.spec.for_tensor(role or name)
 
     def source_blocks(self, name: str, role: str | None = None):
@@ -114,32 +120,52 @@ class WeightQuantizer:
 
         A Q8_0 tensor under int4 stays int8 (exact, rather than re-quantized coarser); a Q4_x tensor under
         int8 is re-quantized (RTN) as asked. Float zero points (Q4_1) need MatMulNBits: not for the
-        standard flavour nor for the embedding table (GatherBlockQuantized has no zero points).
+        standard flavour nor for the embedding table (GatherBlockQuantized has no zero points). The tensorrt
+        layout (standard) holds no INT8 blocks either, and no negative scales (see `_tensorrt_blocks`).
         """
+        return self._source(name, role)[0]
+
+    def _source(self, name: str, role: str | None):
+        """(blocks or None, why the layout cannot hold the file's blocks or None)."""
         blocks = self.source.get(name)
         tq = None if blocks is None else self.spec.for_tensor(role or name)
         if tq is None or blocks.bits < tq.bits:
-            return None
-        if blocks.float_zero_points and (not self.float_zero_points or name == EMBEDDING_TABLE):
-            return None
-        return blocks
+            return None, None
+        if blocks.float_zero_points and not self.float_zero_points:
+            return None, "float zero points"
+        if blocks.float_zero_points and name == EMBEDDING_TABLE:
+            return None, None  # the role's (GatherBlockQuantized's), not the layout's: re-quantized as before
+        if tq.positive_scales and blocks.bits == 8:
+            return None, INT8_BLOCKS
+        return blocks, None
 
     def quantize(self, name: str, role: str | None = None) -> QuantizedLinear | None:
         label_name = name if role is None else role
-        blocks = self.source_blocks(name, role)
+        blocks, refused = self._source(name, role)
         if blocks is not None:
             q = blocks().quantized
-            zeros = q.zero_points.astype(self.scale_dtype) if q.float_zero_points else q.zero_points
-            self.written[label_name] = blocks.label
-            return QuantizedLinear(replace(q, scales=q.scales.astype(self.scale_dtype), zero_points=zeros), None)
+            if self.spec.positive_scales:
+                q, refused = _tensorrt_blocks(q)
+            if q is not None:
+                zeros = q.zero_points.astype(self.scale_dtype) if q.float_zero_points else q.zero_points
+                self.written[label_name] = blocks.label
+                return QuantizedLinear(replace(q, scales=q.scales.astype(self.scale_dtype), zero_points=zeros), None)
+        if refused is not None:
+            self.requantized[label_name] = f"{self.source[name].label}: {refused}"
+        if refused == INT8_BLOCKS:  # kept at 8 bits as the ort flavour keeps them (per channel: as cheap as int6 here)
+            return self._quantized(name, label_name, TensorQuant("int8", self.spec.block_size, per_channel=True,
+                                                                 positive_scales=True))
         if role is None and name in self.prequantized:
             layer = self.prequantized[name]()
             quantized = replace(layer.quantized, scales=layer.quantized.scales.astype(self.scale_dtype))
+            if self.spec.positive_scales:
+                quantized = _positive_checkpoint_scales(quantized, name)
             self.written[label_name] = GPTQ_CHECKPOINT
             return QuantizedLinear(quantized, layer.input_order)
         tq = self.storage(name, role)
-        if tq is None:
-            return None
+        return None if tq is None else self._quantized(name, label_name, tq)
+
+    def _quantized(self, name: str, label_name: str, tq: TensorQuant) -> QuantizedLinear:
         quantized, label = SCHEMES[tq.scheme](self.read(name), label_name, tq, self)
         self.written[label_name] = label
         return QuantizedLinear(replace(quantized, scales=quantized.scales.astype(self.scale_dtype)), None)
@@ -161,6 +187,36 @@ class WeightQuantizer:
             tq = self.storage(name)
             if tq is not None and tq.scheme == "ternary" and name not in self.prequantized:
                 SCHEMES["ternary"](self.read(name), name, tq, self)
+
+
+def _zero_blocks_at_scale_one(quantized: BlockQuantized) -> BlockQuantized:
+    """Blocks of scale 0 (all-zero weights) as codes at their zero point over scale 1: the same zeros, a positive scale."""
+    empty = quantized.scales == 0
+    if not empty.any():
+        return quantized
+    codes = quantized.codes.reshape(quantized.out_features, quantized.n_blocks, quantized.block_size)
+    codes = np.where(empty[..., None], quantized.zero_points[..., None], codes).astype(np.uint8)
+    return replace(quantized, codes=codes.reshape(quantized.out_features, -1),
+                   scales=np.where(empty, np.ones((), quantized.scales.dtype), quantized.scales))
+
+
+def _tensorrt_blocks(quantized: BlockQuantized) -> tuple[BlockQuantized | None, str | None]:
+    """A GGUF tensor's blocks as the tensorrt layout holds them (zero scales made 1), or (None, why not): a negative
+    scale (Q4_0 gives every block whose extreme is positive one) cannot be flipped, as its code -8 would become +8."""
+    if (quantized.scales < 0).any():
+        return None, "negative scales"
+    return _zero_blocks_at_scale_one(quantized), None
+
+
+def _positive_checkpoint_scales(quantized: BlockQuantized, name: str) -> BlockQuantized:
+    """A GPTQ checkpoint's scales for the tensorrt layout. AutoGPTQ's are positive ((max - min) / maxq, with a zero
+    range widened to [-1, 1]); a zero scale becomes 1 over zero codes, a negative one is refused."""
+    negative = int((quantized.scales < 0).sum())
+    if negative:
+        raise UnsupportedError(f"has {negative} negative scales, which TensorRT's DequantizeLinear cannot take (and "
+                               "the codes cannot be negated into range without re-quantizing): use --flavour ort",
+                               field=name)
+    return _zero_blocks_at_scale_one(quantized)
 
 
 def fuse(parts: list[QuantizedLinear]) -> QuantizedLinear | None:
@@ -272,6 +328,8 @@ def calibration_hessians(checkpoint, spec: QuantSpec, max_tokens: int = CALIBRAT
 
 
 def make_quantizer(checkpoint, spec: QuantSpec, scale_dtype=np.float32, flavour: str = "ort") -> WeightQuantizer:
+    """The quantizer of an export to `flavour`; a spec whose layout is already chosen (as a manifest records it) keeps it."""
+    spec = spec.for_flavour(flavour)
     calibration = calibration_hessians(checkpoint, spec) if spec.method == "gptq" else {}
     gguf = checkpoint.format == "gguf"
     quantizer = WeightQuantizer(spec, lambda name: checkpoint.tensors[name].numpy(np.float32),
@@ -304,10 +362,15 @@ def quantized_weights(checkpoint, spec: QuantSpec, names: Iterable[str] | Mappin
 
 
 def warn_if_lossy(quantizer: WeightQuantizer, quality: dict | None) -> None:
-    absmean = sum(1 for label in quantizer.written.values() if label == "ternary-absmean")
-    if not absmean:
-        return
     measured = "" if quality is None else (f"; measured perplexity {quality['perplexity_increase']:+.1%}, "
                                            f"mean KL {quality['mean_kl']:.4f}, top-1 agreement {quality['top1_agreement']:.1%}")
-    warnings.warn(f"{absmean} of {len(quantizer.written)} weights are not ternary and were quantized with absmean "
-                  f"ternary (lossy){measured}", QuantizationWarning, stacklevel=3)
+    absmean = sum(1 for label in quantizer.written.values() if label == "ternary-absmean")
+    if absmean:
+        warnings.warn(f"{absmean} of {len(quantizer.written)} weights are not ternary and were quantized with absmean "
+                      f"ternary (lossy){measured}", QuantizationWarning, stacklevel=3)
+    if quantizer.requantized:
+        reasons = ", ".join(f"{why} ({count})" for why, count in sorted(Counter(quantizer.requantized.values()).items()))
+        warnings.warn(f"{len(quantizer.requantized)} of {len(quantizer.written)} weights were re-quantized (RTN) instead "
+                      f"of exported as the file's own blocks, which the {quantizer.spec.layout} layout (the standard flavour's, "
+                      f"TensorRT's DequantizeLinear rules) cannot hold: "
+                      f"{reasons}{measured}", QuantizationWarning, stacklevel=3)

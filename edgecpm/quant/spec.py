@@ -25,6 +25,18 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 BITS = {"none": 16, "int8": 8, "int6": 6, "int4": 4, "ternary": 2}
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 FLAVOURS = ("ort", "standard")
+# How quantized tensors are laid out, which the flavour decides ("auto" until then; a manifest without the field
+# is a "blocked" bundle, as every bundle was before the field):
+# - blocked (ort: MatMulNBits, GatherBlockQuantized): every tensor in blocks of `block_size` along its input; a
+#   symmetric block's scale by llama.cpp's Q4_0 rule (the signed extreme at the most negative code), so about half
+#   the scales are negative.
+# - tensorrt (standard: TensorRT 10.x's DequantizeLinear rules, exporters/tensorrt/onnx_ops_trt10.toml): every scale
+#   strictly positive; int4 in blocks of `block_size`; 8-bit codes (int8, and int6 values in int8 codes) per output
+#   channel (one scale per channel), since 10.x block-quantizes INT4 only.
+LAYOUTS = ("blocked", "tensorrt")
+AUTO_LAYOUT = "auto"
+FLAVOUR_LAYOUTS = {"ort": "blocked", "standard": "tensorrt"}
+PER_CHANNEL_SCHEMES = ("int8", "int6")  # stored in 8-bit codes: per output channel under the tensorrt layout
 
 # 2-D weights of the decoder layers; embeddings and lm_head are chosen separately (see `embeddings`, `lm_head`).
 LAYER_WEIGHTS = "model.layers.*.weight"
@@ -32,11 +44,17 @@ LAYER_WEIGHTS = "model.layers.*.weight"
 
 @dataclass(frozen=True)
 class TensorQuant:
-    """How one tensor is stored: scheme, block size along the input dimension, symmetric or not."""
+    """How one tensor is stored: scheme, block size along the input dimension, symmetric or not.
+
+    `per_channel`: one block spanning the whole input (one scale per output channel; `block_size` unused);
+    `positive_scales`: symmetric scales strictly positive, where the Q4_0 rule gives signed ones.
+    """
 
     scheme: str
     block_size: int = 32
     symmetric: bool = True
+    per_channel: bool = False
+    positive_scales: bool = False
 
     @property
     def bits(self) -> int:
@@ -56,6 +74,7 @@ class QuantSpec:
     lm_head: str = AUTO_TABLE
     embeddings: str = AUTO_TABLE
     overrides: dict[str, str] = field(default_factory=dict)
+    layout: str = AUTO_LAYOUT  # see LAYOUTS; `validate(flavour)` returns the spec with the flavour's
 
     def __post_init__(self):
         if self.scheme == AUTO_SCHEME:
@@ -65,8 +84,9 @@ class QuantSpec:
             if getattr(self, name) == AUTO_TABLE:
                 object.__setattr__(self, name, default)  # recorded resolved: a bundle says what it stores
 
-    def validate(self, flavour: str) -> QuantSpec:
-        """Raises a clear error for combinations a flavour cannot represent, before anything is written."""
+    def validate(self, flavour: str | None) -> QuantSpec:
+        """Raises a clear error for combinations a flavour cannot represent, before anything is written; returns
+        the spec with the flavour's layout (unchanged while the flavour is not yet chosen, `flavour` None)."""
         if self.scheme not in (*SCHEMES, AUTO_SCHEME):  # auto: checked again once the device profile chose a scheme
             raise UnsupportedError(f"unknown scheme {self.scheme!r} (choose from {', '.join(SCHEMES)})", field="--quant")
         if self.method not in METHODS:
@@ -85,7 +105,22 @@ class QuantSpec:
                                        "symmetric blocked INT4 DequantizeLinear); use --symmetric or --flavour ort", field="--asymmetric")
             if self.scheme == "ternary":
                 raise UnsupportedError("ternary weights need MatMulNBits (bits=2): use --flavour ort", field="--quant")
-        return self
+        if self.layout not in (AUTO_LAYOUT, *LAYOUTS):
+            raise UnsupportedError(f"unknown layout {self.layout!r} (choose from {', '.join(LAYOUTS)})", field="layout")
+        wanted = FLAVOUR_LAYOUTS.get(flavour)
+        if wanted is not None and self.layout not in (AUTO_LAYOUT, wanted):
+            raise UnsupportedError(f"the {flavour} flavour stores the {wanted} layout, not {self.layout}", field="layout")
+        return self.for_flavour(flavour)
+
+    def for_flavour(self, flavour: str | None) -> QuantSpec:
+        """The spec with the flavour's layout where it is still "auto" (a chosen layout is kept)."""
+        if self.layout != AUTO_LAYOUT or flavour not in FLAVOUR_LAYOUTS:
+            return self
+        return replace(self, layout=FLAVOUR_LAYOUTS[flavour])
+
+    @property
+    def positive_scales(self) -> bool:
+        return self.layout == "tensorrt"
 
     def for_tensor(self, name: str) -> TensorQuant | None:
         """The storage of one weight, or None for tensors kept in the export precision (norms, biases)."""
@@ -106,7 +141,9 @@ class QuantSpec:
             return None
         if symmetric is None:
             symmetric = self.symmetric if scheme == self.scheme else True
-        return TensorQuant(scheme, self.block_size, symmetric)
+        tensorrt = self.layout == "tensorrt"
+        return TensorQuant(scheme, self.block_size, symmetric, per_channel=tensorrt and scheme in PER_CHANNEL_SCHEMES,
+                           positive_scales=tensorrt)
 
     @property
     def enabled(self) -> bool:

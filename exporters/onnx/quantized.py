@@ -3,8 +3,10 @@
 `ort`: com.microsoft MatMulNBits for linears (act-order inputs are permuted by a Gather first) and
 GatherBlockQuantized for tables. A table's packed codes are exactly MatMulNBits' B ([V, blocks, blob],
 blockwise along hidden), so a tied head reads the same initializer.
-`standard`: blocked DequantizeLinear (opset 21, INT4 or INT8, symmetric) feeding a MatMul; a table is
-one DequantizeLinear output [H, V] that both the Gather (axis 1) and a tied head MatMul read.
+`standard`: DequantizeLinear (opset 21, symmetric) feeding a MatMul, as TensorRT 10.x takes it (the spec's `tensorrt`
+layout): INT4 blocked along K (axis 0, `block_size`), INT8 per output channel (axis 1, one scale per column of W^T,
+no `block_size`: 10.x blocks INT4 only), every scale strictly positive. A table is one DequantizeLinear output
+[H, V] that both the Gather (axis 1) and a tied head MatMul read; per channel, each token's row has its own scale.
 
 Both hand back `Projection`s (x -> x @ W^T) and `Table`s, so builders never see the storage.
 """
@@ -144,7 +146,7 @@ class _OrtTable(Table):
         return self.ops._matmul(x, self.s)
 
 
-# --- standard: blocked DequantizeLinear + MatMul ------------------------------------------------------
+# --- standard: DequantizeLinear (INT4 blocked, INT8 per channel) + MatMul ------------------------------
 
 
 class StandardQuantized:
@@ -152,19 +154,32 @@ class StandardQuantized:
         self.w, self.dtype = w, dtype
 
     def _dequantized(self, out: str, layer: QuantizedLinear) -> str:
-        """W^T [K, N] as a DequantizeLinear output (blocked along K)."""
+        """W^T [K, N] as a DequantizeLinear output: INT4 blocked along K, INT8 one scale per output channel."""
         if layer.input_order is not None:
             raise UnsupportedError("act-order weights need the ort flavour", field=out)
-        dq = to_dequantize_linear(layer.quantized)
+        quantized = layer.quantized
+        dq = to_dequantize_linear(quantized)
         k, n = dq.data.shape
-        writers = {4: lambda: self.w.packed_weight(f"{out}.qweight", TensorProto.INT4, (k, n),
-                                                   np.frombuffer(pack_int4_bytes(dq.data), np.uint8)),
-                   8: lambda: self.w.weight(f"{out}.qweight", dq.data)}
-        if dq.bits not in writers:
+        scales = dq.scales.astype(self.dtype)
+        if not (scales > 0).all():
+            raise UnsupportedError(f"{int((scales <= 0).sum())} scales are not strictly positive (TensorRT's "
+                                   "DequantizeLinear takes positive scales only)", field=out)
+        if dq.bits == 4:
+            data = self.w.packed_weight(f"{out}.qweight", TensorProto.INT4, (k, n),
+                                        np.frombuffer(pack_int4_bytes(dq.data), np.uint8))
+            layout, attributes = {"block_size": dq.block_size}, {"axis": 0, "block_size": dq.block_size}
+        elif dq.bits == 8:
+            if not dq.per_channel:
+                raise UnsupportedError(f"INT8 in blocks of {dq.block_size}: TensorRT 10.x block-quantizes INT4 only "
+                                       "(8-bit codes are stored per output channel)", field=out)
+            data = self.w.weight(f"{out}.qweight", dq.data)
+            scales = scales[0]  # [N]: per-axis DequantizeLinear along the output channels
+            layout, attributes = {"per_channel": True}, {"axis": 1}
+        else:
             raise UnsupportedError(f"{dq.bits}-bit weights have no standard ONNX form; use --flavour ort", field=out)
-        data = writers[dq.bits]()
-        scales = self.w.weight(f"{out}.scales", dq.scales.astype(self.dtype))
-        return self.w.op("DequantizeLinear", [data, scales], axis=0, block_size=dq.block_size)
+        self.w.describe(data, bits=dq.bits, axis=attributes["axis"], k=k, n=n, **layout,
+                        **({} if quantized.value_bits is None else {"value_bits": quantized.value_bits}))
+        return self.w.op("DequantizeLinear", [data, self.w.weight(f"{out}.scales", scales)], **attributes)
 
     def linear(self, out: str, layer: QuantizedLinear) -> Projection:
         weight = self._dequantized(out, layer)
