@@ -7,6 +7,7 @@ something that looks like a valid bundle. Readers check the schema version befor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgecpm.arch.base import SparseAttentionConfig
 from edgecpm.errors import BundleError
 
 SCHEMA_VERSION = 2  # 2: typed data_files/tensors/graph_io/device/engines fields instead of version 1's `extra` dict
@@ -93,12 +95,15 @@ class Manifest:
     device: DeviceRecord | None = None
     engines: list[EngineRecord] = field(default_factory=list)
     toolchain: dict[str, str] = field(default_factory=dict)
+    # InfLLM v2 sparse attention the bundle runs by default (its own dense_len: dense below it); None: dense
+    sparse_attention: SparseAttentionConfig | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
         data["device"] = None if self.device is None else self.device.to_dict()
         data["engines"] = [engine.to_dict() for engine in self.engines]
+        data["sparse_attention"] = None if self.sparse_attention is None else dataclasses.asdict(self.sparse_attention)
         return data
 
     def to_json(self) -> str:
@@ -136,7 +141,18 @@ class Manifest:
         except (KeyError, TypeError, AttributeError) as exc:
             raise BundleError(f"malformed device or engine record ({exc.__class__.__name__}: {exc})", path=path,
                               field="engines" if "engines" in str(exc) else "device") from None
+        if values.get("sparse_attention") is not None:
+            values["sparse_attention"] = _sparse_record(values["sparse_attention"], path)
         return cls(**values)
+
+
+def _sparse_record(data: Any, path: Path) -> SparseAttentionConfig:
+    from edgecpm.sparse.choice import checked
+
+    try:
+        return checked(SparseAttentionConfig(**data), path)
+    except TypeError as exc:
+        raise BundleError(f"malformed sparse_config record ({exc})", path=path, field="sparse_attention") from None
 
 
 def read_manifest(bundle: str | Path) -> Manifest:

@@ -16,6 +16,7 @@ from edgecpm.checkpoint import Checkpoint, TokenizerFiles, open_checkpoint
 from edgecpm.errors import BundleError, QualityError, UnsupportedError
 from edgecpm.export_plan import plan_export
 from edgecpm.quant.spec import QuantSpec
+from edgecpm.sparse.choice import AttentionChoice
 
 if TYPE_CHECKING:
     from edgecpm.devices.profile import DeviceProfile
@@ -110,7 +111,8 @@ def export_checkpoint(source: str | Path | Checkpoint, out_dir: str | Path, *, d
                       flavour: str | None = None, dtype: str | None = None, max_context: int | None = None,
                       overwrite: bool = False, tied_head: str | None = None, quant: QuantSpec | None = None,
                       max_ppl_increase: float | None = None, accuracy_level: int | None = None,
-                      quality_tokens: int = QUALITY_TOKENS, progress: Callable[[str], None] | None = None) -> Path:
+                      quality_tokens: int = QUALITY_TOKENS, attention: AttentionChoice | None = None,
+                      progress: Callable[[str], None] | None = None) -> Path:
     """Writes an edgecpm bundle (model.onnx + model.onnx.data + tokenizer + edgecpm.json); returns its path.
 
     `device`: a profile name, a profile file or a DeviceProfile: flavour, dtype, quantization and max context
@@ -118,7 +120,8 @@ def export_checkpoint(source: str | Path | Checkpoint, out_dir: str | Path, *, d
     before anything is written if it does not fit the device's memory budget. `None` means "not given"
     (edgecpm.export_plan resolves it). `quant`: what to store quantized (GPTQ checkpoints always export their
     own codes). Every quantized export is measured by the quality gate before it is renamed into place;
-    `max_ppl_increase` (0.05 = +5% perplexity) turns the measurement into a hard limit.
+    `max_ppl_increase` (0.05 = +5% perplexity) turns the measurement into a hard limit. `attention`: dense or InfLLM v2
+    sparse (default: the checkpoint's own sparse_config), recorded as the bundle's default.
     """
     from edgecpm.exporters.onnx import DATA_FILE, MODEL_FILE, build_onnx
     from edgecpm.quant.plan import make_quantizer, warn_if_lossy
@@ -126,7 +129,7 @@ def export_checkpoint(source: str | Path | Checkpoint, out_dir: str | Path, *, d
     say = progress or (lambda message: None)
     checkpoint = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     plan = plan_export(checkpoint, device=device, flavour=flavour, dtype=dtype, max_context=max_context, quant=quant,
-                       tied_head=tied_head, accuracy_level=accuracy_level)
+                       tied_head=tied_head, accuracy_level=accuracy_level, attention=attention)
     options, spec = plan.options, plan.quant
     flavour, precision, max_context, tied_head = options.flavour, options.precision, options.max_context, options.tied_head
     if plan.device is not None:
@@ -180,6 +183,7 @@ def export_checkpoint(source: str | Path | Checkpoint, out_dir: str | Path, *, d
             tied_head=tied_head,
             model_bytes=_model_bytes(staging),
             device=plan.device,
+            sparse_attention=plan.attention,
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         quality = None

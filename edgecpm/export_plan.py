@@ -8,14 +8,17 @@ refused here, naming the quantization that would.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgecpm.arch.base import SparseAttentionConfig
 from edgecpm.bundle import DeviceRecord
 from edgecpm.errors import UnsupportedError
 from edgecpm.planner import MemoryPlan, Storage, check_fits, plan_memory
 from edgecpm.quant.spec import AUTO_SCHEME, QuantSpec
+from edgecpm.sparse.choice import AttentionChoice
 
 if TYPE_CHECKING:
     from edgecpm.checkpoint import Checkpoint
@@ -35,11 +38,13 @@ class ExportPlan:
     profile: DeviceProfile | None
     device: DeviceRecord | None
     chosen_by: dict[str, str]
+    attention: SparseAttentionConfig | None = None  # InfLLM v2 sparse attention the bundle runs; None: dense
 
     def to_dict(self) -> dict[str, Any]:
         return {"flavour": self.options.flavour, "dtype": self.options.precision, "max_context": self.options.max_context,
                 "quant": None if self.quant is None else self.quant.scheme, "chosen_by": dict(self.chosen_by),
                 "device": None if self.device is None else self.device.to_dict(),
+                "attention": "dense" if self.attention is None else {"sparse": dataclasses.asdict(self.attention)},
                 "memory": self.memory.to_dict(self.options.max_context)}
 
 
@@ -84,11 +89,13 @@ def _quant(checkpoint: Checkpoint, quant: QuantSpec | None, profile: DeviceProfi
 
 def plan_export(checkpoint: Checkpoint, *, device: str | Path | DeviceProfile | None = None, flavour: str | None = None,
                 dtype: str | None = None, max_context: int | None = None, quant: QuantSpec | None = None,
-                tied_head: str | None = None, accuracy_level: int | None = None) -> ExportPlan:
+                tied_head: str | None = None, accuracy_level: int | None = None,
+                attention: AttentionChoice | None = None) -> ExportPlan:
     """Resolves every setting (argument, then profile, then default), checks them together and plans memory.
 
     `None` means "not given". `quant` with scheme "auto" (or None) takes the profile's weights (none without
-    a profile); its other fields (method, block size, tables) are kept.
+    a profile); its other fields (method, block size, tables) are kept. `attention`: dense or InfLLM v2 sparse
+    (edgecpm.sparse.choice; default: the checkpoint's own sparse_config).
     """
     from edgecpm.exporters.onnx import ExportOptions
     from edgecpm.exporters.onnx.build import check_options
@@ -105,7 +112,8 @@ def plan_export(checkpoint: Checkpoint, *, device: str | Path | DeviceProfile | 
     tied_head = tied_head or defaults.tied_head
     spec = _quant(checkpoint, quant, profile, flavour, chosen_by)
     config = checkpoint.config
-    memory = plan_memory(config, Storage(precision, spec, tied_head), profile)
+    sparse = (attention or AttentionChoice()).resolve(config.sparse)
+    memory = plan_memory(config, Storage(precision, spec, tied_head), profile, sparse)
     model_limit = config.max_position_embeddings
     if max_context is not None:
         chosen_by["max_context"] = "flag"
@@ -126,7 +134,8 @@ def plan_export(checkpoint: Checkpoint, *, device: str | Path | DeviceProfile | 
     check_options(options)
     record = None if profile is None else DeviceRecord(profile.name, profile.version, profile.sha256, dict(chosen_by),
                                                        memory.to_dict(context))
-    return ExportPlan(options=options, quant=spec, memory=memory, profile=profile, device=record, chosen_by=chosen_by)
+    return ExportPlan(options=options, quant=spec, memory=memory, profile=profile, device=record, chosen_by=chosen_by,
+                      attention=sparse)
 
 
 def check_max_context(checkpoint: Checkpoint, max_context: int) -> None:

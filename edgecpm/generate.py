@@ -9,7 +9,9 @@ possible stop string is held back) and how long it took; the last event has no t
 finish reason and a `GenerationResult` with the timings.
 
 Stop token ids are taken from the settings only: callers that know the model (the Engine) add the
-bundle's eos ids. Passing a `KVSession` instead of a bare backend lets consecutive calls reuse the KV
+bundle's eos ids. An `Interrupt` (edgecpm.control) stops a generation from outside within one decode
+step ("cancelled", "time"); a `TokenConstraint` (edgecpm.structured) masks the logits so the text
+follows a JSON schema, regex or grammar. Passing a `KVSession` instead of a bare backend lets consecutive calls reuse the KV
 cache of their common prefix (chat turns, a robot loop with a fixed system prompt).
 """
 
@@ -18,10 +20,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from edgecpm.control import Interrupt
 from edgecpm.errors import GenerationError
 from edgecpm.sampling import Sampler, build_sampler
 
@@ -45,6 +48,7 @@ class GenerationSettings:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     truncate: str | None = None  # None: a prompt too long for the context is an error; "left": keep its end
+    max_time: float | None = None  # seconds from the call (queueing included); then finish_reason "time"
 
     def validate(self) -> GenerationSettings:
         checks = [
@@ -61,6 +65,8 @@ class GenerationSettings:
             (all(isinstance(s, str) and s for s in self.stop_strings), "stop strings must be non-empty strings"),
             (all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop token ids must be non-negative integers"),
             (self.truncate in TRUNCATE_POLICIES, f"truncate must be None or 'left' (got {self.truncate!r})"),
+            (self.max_time is None or _is_number(self.max_time) and self.max_time > 0,
+             f"max_time must be a positive number of seconds (got {self.max_time})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -126,8 +132,26 @@ class GenerationEvent:
     text: str  # text completed by this step ('' while held back); concatenated, the events give the answer
     token_id: int | None = None  # None on the final event
     seconds: float = 0.0  # time to produce this token: prefill (first token) or one decode step, plus sampling
-    finish_reason: str | None = None  # final event only: "stop" (eos), "stop_string", "length" or "context"
+    # final event only: "stop" (eos, or a response format completed), "stop_string", "length", "context",
+    # "time" (deadline or max_time) or "cancelled"
+    finish_reason: str | None = None
     result: GenerationResult | None = field(default=None, repr=False)  # set on the final event only
+
+
+class TokenConstraint(Protocol):
+    """Decides which tokens may come next (structured output). One instance serves one generation."""
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """The logits with every token that may not come next set to -inf (stop tokens allowed only
+        where the constrained text may end)."""
+        ...
+
+    def advance(self, token_id: int) -> None: ...
+
+    @property
+    def finished(self) -> bool:
+        """The constrained text is complete and nothing may follow it."""
+        ...
 
 
 class KVSession:
@@ -252,17 +276,27 @@ class StopStringFilter:
 
 
 def generate_steps(backend: Backend | KVSession, prompt_ids: Sequence[int], settings: GenerationSettings, *,
-                   tokenizer: TextTokenizer) -> Iterator[GenerationEvent]:
+                   tokenizer: TextTokenizer, interrupt: Interrupt | None = None,
+                   constraint: TokenConstraint | None = None) -> Iterator[GenerationEvent]:
     """Events for each generated token, then a final event. Arguments are checked here, before the first
-    event is requested, so bad input fails at the call and not somewhere inside a consumer's loop."""
+    event is requested, so bad input fails at the call and not somewhere inside a consumer's loop.
+
+    `interrupt` defaults to the settings' max_time counted from this call."""
     settings.validate()
     session = backend if isinstance(backend, KVSession) else KVSession(backend)
     prompt = fit_to_context(prompt_ids, session.max_context, settings)
-    return _steps(session, prompt, settings, tokenizer)
+    interrupt = interrupt if interrupt is not None else Interrupt.build(max_time=settings.max_time)
+    return _steps(session, prompt, settings, tokenizer, interrupt, constraint)
 
 
-def _steps(session: KVSession, prompt: list[int], settings: GenerationSettings,
-           tokenizer: TextTokenizer) -> Iterator[GenerationEvent]:
+def _steps(session: KVSession, prompt: list[int], settings: GenerationSettings, tokenizer: TextTokenizer,
+           interrupt: Interrupt, constraint: TokenConstraint | None) -> Iterator[GenerationEvent]:
+    early = interrupt.reason()
+    if early is not None:  # cancelled or out of time before it began (e.g. while queued): no tokens
+        result = GenerationResult(text="", token_ids=[], prompt_token_ids=prompt, finish_reason=early, prefill_tokens=0,
+                                  prefill_seconds=0.0, decode_steps=0, decode_seconds=0.0)
+        yield GenerationEvent(text="", finish_reason=early, result=result)
+        return
     sample = settings.sampler()
     stop_ids = set(settings.stop_token_ids)
     stops = StopStringFilter(settings.stop_strings)
@@ -277,6 +311,8 @@ def _steps(session: KVSession, prompt: list[int], settings: GenerationSettings,
     prefill_seconds = time.perf_counter() - started
     generation = session.generation
     while True:
+        if constraint is not None:
+            logits = constraint.mask(logits)
         token = sample(logits, history)
         step_seconds = time.perf_counter() - started
         if decode_steps:
@@ -284,6 +320,8 @@ def _steps(session: KVSession, prompt: list[int], settings: GenerationSettings,
         if token in stop_ids:
             finish_reason = "stop"
             break
+        if constraint is not None:
+            constraint.advance(token)
         generated.append(token)
         history.append(token)
         text, hit_stop_string = stops.feed(detokenizer.add(token))
@@ -292,6 +330,9 @@ def _steps(session: KVSession, prompt: list[int], settings: GenerationSettings,
         if hit_stop_string:
             finish_reason = "stop_string"
             break
+        if constraint is not None and constraint.finished:
+            finish_reason = "stop"  # the structured text is complete: the eos step it would take is saved
+            break
         if len(generated) >= settings.max_new_tokens:
             finish_reason = "length"
             break
@@ -299,6 +340,10 @@ def _steps(session: KVSession, prompt: list[int], settings: GenerationSettings,
             raise GenerationError("another generation started on the same backend; this stream cannot continue")
         if session.position >= session.max_context:
             finish_reason = "context"
+            break
+        interrupted = interrupt.reason()
+        if interrupted is not None:
+            finish_reason = interrupted
             break
         started = time.perf_counter()
         logits = session.decode(token)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from edgecpm.checkpoint import Checkpoint
+from edgecpm.planner import sparse_state_bytes
 
 WEIGHT_SCHEMES = ("none", "int8", "int4", "ternary")
 
@@ -46,7 +48,9 @@ def describe_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:
         "mup": {"scale_emb": config.scale_emb, "residual_scale": config.residual_scale, "logit_scale": config.logit_scale},
         "activation": config.hidden_act,
         "experts": config.num_experts,
-        "sparse_attention": config.sparse is not None,
+        "sparse_attention": None if config.sparse is None else {
+            **dataclasses.asdict(config.sparse),
+            "state_bytes_at_context": sparse_state_bytes(config, config.sparse, config.max_position_embeddings)},
         "eos_token_ids": list(config.eos_token_ids),
         "tokenizer": checkpoint.has_tokenizer,
         "chat_template": checkpoint.has_chat_template,
@@ -83,6 +87,7 @@ def describe_bundle(bundle) -> dict[str, Any]:
 
     import numpy as np
 
+    from edgecpm.arch import config_from_dict
     from edgecpm.bundle import read_manifest
 
     bundle = Path(bundle)
@@ -103,6 +108,10 @@ def describe_bundle(bundle) -> dict[str, Any]:
         "weight_bytes": sum((bundle / name).stat().st_size for name in files),
         "kv_bytes_per_token": int(layout["values_per_token"]) * np.dtype(layout["dtype"]).itemsize,
         "kv_mode": layout["mode"],
+        "attention": "dense" if manifest.sparse_attention is None else {
+            "sparse": dataclasses.asdict(manifest.sparse_attention),
+            "state_bytes_at_max_context": sparse_state_bytes(config_from_dict(manifest.architecture),
+                                                             manifest.sparse_attention, manifest.max_context)},
         "max_context": manifest.max_context,
         "eos_token_ids": manifest.eos_token_ids,
         "device": None if manifest.device is None else manifest.device.to_dict(),

@@ -19,9 +19,10 @@ EXTRAS = {
     "torch": "reference", "safetensors": "reference",
     "tensorrt": "tensorrt", "cuda": "tensorrt",
     "pynvml": "devices",
+    "uvicorn": "serve", "starlette": "serve", "sse_starlette": "serve", "llguidance": "serve",
 }
 # Where the distribution on PyPI is named differently from the module it installs.
-PACKAGES = {"pynvml": "nvidia-ml-py", "cuda": "cuda-python"}
+PACKAGES = {"pynvml": "nvidia-ml-py", "cuda": "cuda-python", "sse_starlette": "sse-starlette"}
 
 
 def require(module: str, extra: str | None = None, purpose: str | None = None) -> ModuleType:

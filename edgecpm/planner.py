@@ -13,7 +13,9 @@ anything is written. Weight bytes follow the exporter's storage rules (exporters
   `tied_head="shared"`, twice under `"duplicate"` (a transposed float copy for the head's MatMul);
 - the rotary cos/sin tables, baked at the export precision for `max_context` positions.
 
-KV bytes per token are what the exported graph caches (MLA: the latent and the shared roped key).
+KV bytes per token are what the exported graph caches (MLA: the latent and the shared roped key). Under InfLLM v2
+sparse attention the native kernels also hold, allocated at max context in fp32, each layer's compressed keys (Kc1, Kc2:
+one row per kernel) and under use_nope the keys before RoPE (`sparse_state_bytes`).
 Runtime allowances (the runtime's own code and arenas, a prefill pass's activations) are planning estimates,
 named as such; they are not measurements.
 """
@@ -29,7 +31,7 @@ from edgecpm.errors import UnsupportedError
 from edgecpm.quant.spec import QuantSpec
 
 if TYPE_CHECKING:
-    from edgecpm.arch.base import DecoderConfig
+    from edgecpm.arch.base import DecoderConfig, SparseAttentionConfig
     from edgecpm.devices.profile import DeviceProfile
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2}
@@ -69,6 +71,8 @@ class MemoryPlan:
     prefill_pass_tokens: int
     activation_bytes_per_context_token: int  # estimate: a prefill pass's attention scores per cached position
     model_max_context: int
+    sparse: SparseAttentionConfig | None = None  # InfLLM v2 sparse attention the export runs (its state is counted)
+    sparse_row_bytes: int = 0  # bytes of one row of that state over every layer and KV head (sparse_rows counts them)
     device: str | None = None
     budget_bytes: int | None = None
     max_context: int | None = None  # the largest context that fits (capped by the model's and the profile's)
@@ -76,8 +80,11 @@ class MemoryPlan:
 
     def total_bytes(self, context: int) -> int:
         """Resident bytes with `context` positions allocated."""
-        return (self.weight_bytes + self.runtime_bytes + self.rope_bytes(context)
+        return (self.weight_bytes + self.runtime_bytes + self.rope_bytes(context) + self.sparse_bytes(context)
                 + context * (self.kv_bytes_per_token + self.activation_bytes_per_context_token))
+
+    def sparse_bytes(self, context: int) -> int:
+        return 0 if self.sparse is None else self.sparse_row_bytes * sparse_rows(self.sparse, context)
 
     def rope_bytes(self, context: int) -> int:
         return self.weight_bytes_by_role.get("rope_bytes_per_position", 0) * context
@@ -97,6 +104,7 @@ class MemoryPlan:
             "budget_bytes": self.budget_bytes, "max_context": self.max_context, "model_max_context": self.model_max_context,
             "context": context, "total_bytes": None if context is None else self.total_bytes(context),
             "fits": self.fits if self.device else None, "notes": list(self.notes),
+            "sparse_state_bytes": None if self.sparse is None or context is None else self.sparse_bytes(context),
         }
 
 
@@ -138,6 +146,24 @@ def kv_bytes_per_token(config: DecoderConfig, kv_dtype: str) -> int:
     return config.kv_values_per_token() * DTYPE_BYTES[kv_dtype]
 
 
+def sparse_rows(sparse: SparseAttentionConfig, context: int) -> int:
+    """Rows of head_dim values per KV head and layer that InfLLM v2's state holds at `context` positions."""
+    from edgecpm.sparse.infllmv2 import SparseGeometry, kernel_count
+
+    g = SparseGeometry.of(sparse)
+    return (kernel_count(context, g.kernel_size, g.kernel_stride) + kernel_count(context, g.kernel_size2, g.kernel_stride2)
+            + (context if g.use_nope else 0))
+
+
+def sparse_state_bytes(config: DecoderConfig, sparse: SparseAttentionConfig, context: int) -> int:
+    """Bytes of the native kernels' InfLLM v2 state at `context` positions (fp32, every layer)."""
+    return _sparse_row_bytes(config) * sparse_rows(sparse, context)
+
+
+def _sparse_row_bytes(config: DecoderConfig) -> int:
+    return config.num_hidden_layers * config.num_key_value_heads * config.head_dim * DTYPE_BYTES["fp32"]
+
+
 def _runtime(profile: DeviceProfile | None) -> tuple[int, str]:
     """Runtime allowance and the backend whose prefill pass is planned for (the profile's first). TensorRT's
     workspace limit bounds the builder's tactic scratch, not what the engine holds at run time: an engine's own
@@ -146,7 +172,8 @@ def _runtime(profile: DeviceProfile | None) -> tuple[int, str]:
     return RUNTIME_BYTES["gpu" if backend == "tensorrt" else "cpu"], backend
 
 
-def plan_memory(config: DecoderConfig, storage: Storage, profile: DeviceProfile | None = None) -> MemoryPlan:
+def plan_memory(config: DecoderConfig, storage: Storage, profile: DeviceProfile | None = None,
+                sparse: SparseAttentionConfig | None = None) -> MemoryPlan:
     roles = weight_bytes(config, storage)
     total_weights = sum(v for k, v in roles.items() if k != "rope_bytes_per_position")
     runtime, backend = _runtime(profile)
@@ -156,13 +183,16 @@ def plan_memory(config: DecoderConfig, storage: Storage, profile: DeviceProfile 
     scores = config.num_attention_heads * prefill * 4  # fp32 softmax rows of one prefill pass, per cached position
     plan = MemoryPlan(storage=storage, weight_bytes=total_weights, weight_bytes_by_role=roles, kv_bytes_per_token=per_token,
                       kv_dtype=kv_dtype, runtime_bytes=runtime, prefill_pass_tokens=prefill,
-                      activation_bytes_per_context_token=scores, model_max_context=config.max_position_embeddings)
+                      activation_bytes_per_context_token=scores, model_max_context=config.max_position_embeddings,
+                      sparse=sparse, sparse_row_bytes=_sparse_row_bytes(config) if sparse is not None else 0)
     if profile is None:
         return plan
     budget = profile.budget_bytes
     room = budget - total_weights - runtime
     per_position = per_token + scores + roles["rope_bytes_per_position"]
     fit = max(0, room // per_position) if room > 0 else 0
+    while fit > 0 and plan.total_bytes(fit) > budget:  # the sparse state's rows come per kernel, not per position
+        fit -= max(1, (plan.total_bytes(fit) - budget) // per_position)
     caps = [config.max_position_embeddings] + ([profile.export.max_context] if profile.export.max_context else [])
     notes = []
     if profile.export.max_context and profile.export.max_context < config.max_position_embeddings:

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgecpm.backend import Backend
 from edgecpm.bundle import Manifest, read_manifest
 from edgecpm.errors import BundleError, GenerationError
 from edgecpm.runtimes.kv import HostKV
+from edgecpm.sparse.choice import AttentionChoice
+
+if TYPE_CHECKING:
+    from edgecpm.arch.base import SparseAttentionConfig
 
 KERNELS = ("auto", "tensorrt", "native", "onnxruntime")
 
@@ -29,7 +34,8 @@ class PromptDecodeSplit:
     def __init__(self, prompts: Backend, steps: Backend, kv: HostKV):
         self.prompts, self.steps, self.kv = prompts, steps, kv
         self.max_context, self.vocab_size = steps.max_context, steps.vocab_size
-        self.kernels = {"prefill": prompts.kernels["prefill"], "decode": steps.kernels["decode"], "native_unavailable": None}
+        self.kernels = {"prefill": prompts.kernels["prefill"], "decode": steps.kernels["decode"], "native_unavailable": None,
+                        "attention": "dense"}
 
     @property
     def position(self) -> int:
@@ -58,17 +64,21 @@ def _onnxruntime(bundle: Path, manifest: Manifest, threads, prepack, spin, **sha
     return OnnxRuntimeBackend(bundle / manifest.model_file, manifest, threads=threads, prepack=prepack, spin=spin, **shared)
 
 
-def _native(bundle: Path, manifest: Manifest, threads, prepack, spin, *, required: bool) -> tuple[Backend | None, str | None]:
+def _native(bundle: Path, manifest: Manifest, threads, prepack, spin, *, required: bool,
+            sparse: SparseAttentionConfig | None = None) -> tuple[Backend | None, str | None]:
     from edgecpm.runtimes.native import KernelsUnavailable
     from edgecpm.runtimes.native.backend import NativeBackend
 
     try:
-        native = NativeBackend(bundle, manifest, threads=threads, only_if_faster=not required)
+        # sparse attention runs on the kernels alone, even where onnxruntime would decode densely faster
+        native = NativeBackend(bundle, manifest, threads=threads, only_if_faster=not required and sparse is None,
+                               sparse=sparse)
     except KernelsUnavailable as error:
         if required:
-            raise BundleError(f"native kernels unavailable: {error}", path=bundle) from None
+            what = "InfLLM v2 sparse attention runs on the native kernels, which are" if sparse else "native kernels"
+            raise BundleError(f"{what} unavailable: {error}", path=bundle) from None
         return None, str(error)
-    if native.prefills:
+    if native.prefills or sparse is not None:  # the graph would prefill densely: sparse prompts run as decode steps here
         return native, None
     prompts = _onnxruntime(bundle, manifest, threads, prepack, spin, kv=native.kv,
                            shared_initializers=native.in_place_tensors())
@@ -88,20 +98,36 @@ def _tensorrt(bundle: Path, manifest: Manifest, *, required: bool) -> tuple[Back
     return TensorRTBackend(bundle, manifest, record), ""
 
 
+def _sparse_needed(manifest: Manifest, attention: AttentionChoice | None) -> SparseAttentionConfig | None:
+    """The sparse config to run, or None where attention is dense: by choice, or because the bundle's context never
+    reaches the config's dense_len (below which sparse attention is dense attention, spec §6.2)."""
+    sparse = (attention or AttentionChoice()).for_bundle(manifest)
+    if sparse is None or 0 <= sparse.dense_len and manifest.max_context < sparse.dense_len:
+        return None
+    return sparse
+
+
 def load_backend(bundle_dir: str | Path, manifest: Manifest | None = None, *, threads: int | None = None,
-                 prepack: bool | None = None, spin: bool = True, kernels: str | None = None) -> Backend:
+                 prepack: bool | None = None, spin: bool = True, kernels: str | None = None,
+                 attention: AttentionChoice | None = None) -> Backend:
     """The bundle's backend, chosen by `kernels` (default: $EDGECPM_KERNELS, else "auto"; see the module doc).
 
     `threads`: CPU threads (default: physical cores). `prepack` (onnxruntime) repacks weights into MLAS's layouts
     (default: on for the `ort` flavour, off for `standard`). `spin` (onnxruntime's default, and what its peers run
     with) keeps idle intra-op threads spinning between the many small decode ops; pass False where other busy
-    processes share the cores.
+    processes share the cores. `attention` (edgecpm.sparse.choice): dense or InfLLM v2 sparse, by default the bundle's
+    recorded choice. Sparse attention runs on the native kernels only (the graphs attend densely): asked for
+    explicitly, anything else is an error; taken from the bundle, the others run it densely and say so in
+    `backend.kernels["attention"]`.
     """
     bundle = Path(bundle_dir)
     manifest = manifest or read_manifest(bundle)
     kernels = kernels or os.environ.get("EDGECPM_KERNELS") or "auto"
     if kernels not in KERNELS:
         raise GenerationError(f"unknown kernels {kernels!r} (choose from {', '.join(KERNELS)})")
+    sparse = _sparse_needed(manifest, attention)
+    if sparse is not None:
+        return _sparse(bundle, manifest, threads, prepack, spin, kernels, sparse, explicit=bool(attention and attention.explicit))
     if kernels in ("auto", "tensorrt") and (manifest.engines or kernels == "tensorrt"):
         backend, _ = _tensorrt(bundle, manifest, required=kernels == "tensorrt")
         if backend is not None:
@@ -114,3 +140,21 @@ def load_backend(bundle_dir: str | Path, manifest: Manifest | None = None, *, th
     backend = _onnxruntime(bundle, manifest, threads, prepack, spin)
     backend.kernels["native_unavailable"] = native_unavailable
     return backend
+
+
+def _sparse(bundle: Path, manifest: Manifest, threads, prepack, spin, kernels: str, sparse: SparseAttentionConfig, *,
+            explicit: bool) -> Backend:
+    why_not = f"--kernels {kernels}"
+    if kernels in ("tensorrt", "onnxruntime"):
+        if explicit:
+            raise BundleError(f"InfLLM v2 sparse attention runs on the native kernels, not {kernels} (its graph attends "
+                              "densely): use --kernels native, or --attention dense", path=bundle)
+    else:
+        backend, why_not = _native(bundle, manifest, threads, prepack, spin, required=explicit or kernels == "native",
+                                   sparse=sparse)
+        if backend is not None:
+            return backend
+    dense = load_backend(bundle, manifest, threads=threads, prepack=prepack, spin=spin, kernels=kernels,
+                         attention=AttentionChoice("dense"))
+    dense.kernels["attention"] = f"dense (sparse attention needs the native kernels: {why_not})"
+    return dense

@@ -156,14 +156,7 @@ def test_demo_exports_smollm2_and_answers_paris(tmp_path):
     assert (tmp_path / "bundles" / "smollm2-135m" / "notes.txt").read_text() == "mine"
 
 
-@pytest.fixture(scope="module")
-def smollm2_bundle(tmp_path_factory):
-    from edgecpm.resources import default_model_path
-
-    bundle = tmp_path_factory.mktemp("smollm2") / "bundle"
-    exported = run_cli("export", str(default_model_path()), "-o", str(bundle), "--max-context", "512")
-    assert exported.returncode == 0, exported.stderr
-    return bundle
+# smollm2_bundle: the session fixture in conftest.py (shared with the server tests).
 
 
 def test_run_smollm2_answers_paris(smollm2_bundle):
@@ -241,5 +234,6 @@ def test_run_kernels_option_chooses_who_decodes(tiny):
     assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
     native, graph = (json.loads(r.stdout) for r in runs)
     assert native["token_ids"] == graph["token_ids"]
-    assert graph["kernels"] == {"prefill": "onnxruntime", "decode": "onnxruntime", "native_unavailable": "not requested"}
+    assert graph["kernels"] == {"prefill": "onnxruntime", "decode": "onnxruntime", "native_unavailable": "not requested",
+                                "attention": "dense"}
     assert native["kernels"]["decode"] == "native" and native["kernels"]["native_unavailable"] is None

@@ -51,7 +51,9 @@ def test_every_shipped_profile_loads_and_validates(name):
         assert profile.tensorrt is None and "tensorrt" not in profile.backends
         assert profile.export.flavour == "ort" and profile.export.dtype == "fp32" and profile.threads == 0
     else:
-        assert profile.backends == ("tensorrt", "onnxruntime", "native")
+        # Jetsons: the native kernels (NEON + dotprod) on the Arm cores before onnxruntime
+        expected = ("tensorrt", "native", "onnxruntime") if profile.kind == "jetson" else ("tensorrt", "onnxruntime", "native")
+        assert profile.backends == expected
         assert profile.export.flavour == "standard" and profile.export.dtype == "fp16"
         assert profile.tensorrt is not None and profile.tensorrt.strongly_typed
     assert (profile.kind == "jetson") == (profile.hardware.unified_memory and profile.hardware.jetson_model is not None)

@@ -160,6 +160,8 @@ def test_vnni_and_512_bit_kernels_are_avx2s_bit_for_bit(workdir, monkeypatch):
     64-byte load); builds without those (AVX2 maddubs into int16) give the same logits bit for bit, every bit width
     included (int4 with int6 tables, int8, ternary: 4-, 6-, 8- and 2-bit streams)."""
     level = load_library().ec_vectorised()
+    if not load_library().ec_isa().decode().startswith("avx"):
+        pytest.skip("x86 kernels only (the aarch64 levels are tested under emulation: test_native_arm_emulated.py)")
     if level < 2:
         pytest.skip("this CPU has no VNNI dot products (the AVX2 path is what every other test runs)")
     # Without AVX-512 VNNI a build falls back to AVX-VNNI only where the CPU has it (Zen 4 has the 512-bit form alone)
@@ -293,7 +295,7 @@ def test_auto_decodes_natively_unless_told_otherwise(workdir, monkeypatch):
     assert kernel_decoder(quantized)._model.layer[0].qkv.scale_format == SCALES_FP16  # exported at fp16 precision
     dense = load_backend(export(source, workdir / "auto-fp32", None))
     # fp32: the kernels decode, onnxruntime prefills (MLAS's GEMM), both from one memory-mapped copy
-    assert dense.kernels == {"prefill": "onnxruntime", "decode": "native", "native_unavailable": None}
+    assert dense.kernels == {"prefill": "onnxruntime", "decode": "native", "native_unavailable": None, "attention": "dense"}
     assert kernel_decoder(dense).in_place_tensors()
     asymmetric = load_backend(export(source, workdir / "auto-int4-asym", SCHEMES["int4-asym"]))
     assert kernel_decoder(asymmetric) is not None and isinstance(asymmetric, NativeBackend)  # zero points stream with the codes

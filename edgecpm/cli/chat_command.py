@@ -14,8 +14,8 @@ import typer
 
 from edgecpm.cli import app
 from edgecpm.cli.options import (
-    BUNDLE, KERNELS, MAX_NEW_TOKENS, REPETITION_PENALTY, SEED, STOP, SYSTEM, TEMPERATURE, THREADS, TOP_K, TOP_P,
-    existing_path, generation_options,
+    ATTENTION, BUNDLE, KERNELS, MAX_NEW_TOKENS, REPETITION_PENALTY, SEED, STOP, SYSTEM, TEMPERATURE, THREADS, TOP_K, TOP_P,
+    SPARSE_CONFIG, attention_choice, existing_path, generation_options,
 )
 
 HELP = "Type a message. /reset starts over, /exit (or Ctrl-D) quits."
@@ -34,6 +34,8 @@ def chat(
     stop: list[str] | None = STOP,
     threads: int | None = THREADS,
     kernels: str | None = KERNELS,
+    attention: str | None = ATTENTION,
+    sparse_config: list[str] | None = SPARSE_CONFIG,
     speed: bool = typer.Option(False, "--speed", help="Print prefill and decode speeds after each answer."),
 ) -> None:
     """Chat with a bundle; earlier turns stay in the KV cache."""
@@ -44,7 +46,8 @@ def chat(
     from edgecpm.errors import EdgecpmError
 
     console = Console(stderr=True)
-    engine = load(existing_path(bundle), threads=threads, kernels=kernels)
+    choice = attention_choice(attention, sparse_config)
+    engine = load(existing_path(bundle), threads=threads, kernels=kernels, attention=choice.mode, sparse_config=choice.overrides)
     options = generation_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                  repetition_penalty=repetition_penalty, seed=seed, stop=stop)
     engine.settings(**options)  # bad values fail now, not after the first message

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from edgecpm.cli import app
-from edgecpm.cli.options import (ACCURACY_LEVEL, ASYMMETRIC, BLOCK_SIZE, DEVICE, EMBEDDINGS, LM_HEAD, MAX_PPL_INCREASE, METHOD,
-                                 QUANT, QUALITY_TOKENS)
+from edgecpm.cli.options import (ACCURACY_LEVEL, ASYMMETRIC, ATTENTION, BLOCK_SIZE, DEVICE, EMBEDDINGS, LM_HEAD,
+                                 MAX_PPL_INCREASE, METHOD, QUALITY_TOKENS, QUANT, SPARSE_CONFIG, attention_choice)
 
 
 def export_with_progress(source: str | Path, out_dir: Path, **options) -> Path:
@@ -57,6 +57,8 @@ def export(
     accuracy_level: int = ACCURACY_LEVEL,
     max_ppl_increase: float = MAX_PPL_INCREASE,
     quality_tokens: int | None = QUALITY_TOKENS,
+    attention: str | None = ATTENTION,
+    sparse_config: list[str] | None = SPARSE_CONFIG,
 ) -> None:
     """Export a checkpoint to a bundle for `edgecpm run` and `edgecpm chat`."""
     from edgecpm.errors import UnsupportedError
@@ -67,8 +69,9 @@ def export(
         raise UnsupportedError(f"unknown method {method!r} (choose from {', '.join(CLI_METHODS)})", field="--method")
     spec = QuantSpec(scheme=quant, method=method, block_size=block_size, symmetric=not asymmetric, lm_head=lm_head,
                      embeddings=embeddings).validate(flavour)
+    choice = attention_choice(attention, sparse_config)
     checkpoint = resolve_checkpoint(source, download=download)
     export_with_progress(checkpoint, out, device=device, flavour=flavour, dtype=dtype, max_context=max_context, overwrite=overwrite,
-                         quant=spec, max_ppl_increase=max_ppl_increase, accuracy_level=accuracy_level,
+                         quant=spec, max_ppl_increase=max_ppl_increase, accuracy_level=accuracy_level, attention=choice,
                          **({} if quality_tokens is None else {"quality_tokens": quality_tokens}))
     typer.echo(f"wrote {out}")

@@ -19,6 +19,11 @@ KERNELS = typer.Option(None, "--kernels", help="Who runs the bundle: auto (its T
                        "native kernels where they are faster, else onnxruntime), tensorrt, native or onnxruntime "
                        "(default: $EDGECPM_KERNELS, else auto).",
                        show_default=False)
+ATTENTION = typer.Option(None, "--attention", help="auto (the model's own choice: InfLLM v2 sparse attention where it has a "
+                         "sparse_config, dense below its dense_len), dense, or sparse (on the native kernels) [default: auto]",
+                         show_default=False)
+SPARSE_CONFIG = typer.Option(None, "--sparse-config", help="Set or override a sparse_config field, KEY=VALUE (e.g. "
+                             "dense_len=1024, topk=32), or a JSON file of them; repeatable.", show_default=False)
 SYSTEM = typer.Option(None, "--system", help="A system message placed before the conversation.")
 DEVICE = typer.Option(None, "--device", help="A device profile name (`edgecpm devices`) or a profile .toml file: export "
                       "settings tuned for it and a memory plan against its budget.", show_default=False)
@@ -69,3 +74,10 @@ def existing_path(path: Path) -> Path:
     if not path.exists():
         raise EdgecpmError("no such file or directory", path=path)
     return path
+
+
+def attention_choice(attention: str | None, sparse_config: list[str] | None):
+    """--attention and --sparse-config as one validated edgecpm.sparse.choice.AttentionChoice."""
+    from edgecpm.sparse.choice import AttentionChoice, parse_overrides
+
+    return AttentionChoice(attention or "auto", parse_overrides(sparse_config)).validate()

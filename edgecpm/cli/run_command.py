@@ -10,8 +10,8 @@ import typer
 
 from edgecpm.cli import app
 from edgecpm.cli.options import (
-    BUNDLE, JSON_OUTPUT, KERNELS, MAX_NEW_TOKENS, REPETITION_PENALTY, SEED, STOP, SYSTEM, TEMPERATURE, THREADS, TOP_K,
-    TOP_P, existing_path, generation_options,
+    ATTENTION, BUNDLE, JSON_OUTPUT, KERNELS, MAX_NEW_TOKENS, REPETITION_PENALTY, SEED, STOP, SYSTEM, TEMPERATURE, THREADS, TOP_K,
+    TOP_P, SPARSE_CONFIG, attention_choice, existing_path, generation_options,
 )
 
 JSON_FIELDS = ("text", "token_ids", "prompt_token_ids", "finish_reason", "new_tokens", "prefill_seconds",
@@ -47,13 +47,16 @@ def run(
     truncate: bool = typer.Option(False, "--truncate", help="Drop the oldest prompt tokens when they do not fit the context."),
     threads: int | None = THREADS,
     kernels: str | None = KERNELS,
+    attention: str | None = ATTENTION,
+    sparse_config: list[str] | None = SPARSE_CONFIG,
     json_output: bool = JSON_OUTPUT,
 ) -> None:
     """Generate one answer for a prompt, streaming it to stdout; speeds go to stderr."""
     from edgecpm.api import load
     from edgecpm.cli.streaming import print_stream, speed_line
 
-    engine = load(existing_path(bundle), threads=threads, kernels=kernels)
+    choice = attention_choice(attention, sparse_config)
+    engine = load(existing_path(bundle), threads=threads, kernels=kernels, attention=choice.mode, sparse_config=choice.overrides)
     options = generation_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                  repetition_penalty=repetition_penalty, seed=seed, stop=stop, truncate=truncate)
     events = engine.stream(read_prompt(prompt), system=system, raw=raw, **options)

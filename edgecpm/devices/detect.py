@@ -228,7 +228,7 @@ def _cpu(root: Path, nvml: Any, profiles: list[DeviceProfile], mem_total: int | 
         chosen = max(same_arch, key=lambda p: (sum(f in flags for _, f in required(p)), -len(required(p))))
         missing = [feature for feature in chosen.hardware.cpu.isa if CPUINFO_FLAGS[feature][1] not in flags]
         reasons.append(f"{arch} CPU ({source}) lacks {', '.join(missing)}: below the floor of {chosen.name}, the "
-                       "closest profile; expect the portable, slower kernels")
+                       "closest profile; expect slower kernels (on Arm, NEON without the dot-product instructions)")
     if mem_total is not None and mem_total < _UNDER * chosen.hardware.memory_bytes:
         reasons.append(f"MemTotal {_gib(mem_total)} is below the profile's {_gib(chosen.hardware.memory_bytes)}: "
                        "its memory budget overstates this machine")

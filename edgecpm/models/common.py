@@ -95,6 +95,7 @@ class LayerCache:
 
     def __init__(self) -> None:
         self.tensors: tuple[torch.Tensor, ...] | None = None
+        self.state = None  # what an attention keeps besides its tensors (InfLLM v2's compressed keys)
 
     def extend(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Appends this forward's tensors and returns everything cached so far (including them)."""
@@ -223,6 +224,14 @@ class CausalLM(nn.Module):
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)
+
+    def use_sparse_attention(self, sparse) -> CausalLM:
+        """Runs InfLLM v2 sparse attention (a SparseAttentionConfig; None: dense) in every layer that has it."""
+        for layer in self.model.layers:
+            if not hasattr(type(layer.self_attn), "sparse"):
+                raise ValueError(f"{type(layer.self_attn).__name__} has no sparse attention")
+            layer.self_attn.sparse = sparse
+        return self
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """input_ids [B, T] -> fp32 logits [B, T, V]; with a cache, continues after its positions."""

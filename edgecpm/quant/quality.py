@@ -133,13 +133,15 @@ def measure_bundle(bundle_dir, checkpoint, max_tokens: int) -> QualityReport:
     """The bundle as it will run (its runtime, its tokenizer) against the unquantized checkpoint's fp32 graph."""
     from edgecpm.bundle import TOKENIZER_NAME, read_manifest
     from edgecpm.runtimes import load_backend
+    from edgecpm.sparse.choice import AttentionChoice
     from edgecpm.text import TextTokenizer
 
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     tokenizer = TextTokenizer.from_file(bundle_dir / TOKENIZER_NAME, manifest.tokenizer)
     ids = np.asarray(tokenizer.encode(evaluation_text())[: min(max_tokens, manifest.max_context)], dtype=np.int64)
-    backend = load_backend(bundle_dir, manifest)
+    # dense: the gate measures what quantization costs; sparse attention's own cost is measured on long texts
+    backend = load_backend(bundle_dir, manifest, attention=AttentionChoice("dense"))
     logits = backend_logits(backend, ids)
     del backend
     # Memory: the fp32 reference graph is as large as the fp32 model. It is built only now, after the

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecpm.arch.base import SparseAttentionConfig
 from edgecpm.bundle import Manifest
 from edgecpm.runtimes.cpu import physical_cores
 from edgecpm.runtimes.kv import HostKV
@@ -23,15 +24,16 @@ class NativeBackend:
     `only_if_faster` also refuses bundles they implement but run slower than onnxruntime."""
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest, *, threads: int | None = None,
-                 only_if_faster: bool = False, kv: HostKV | None = None):
+                 only_if_faster: bool = False, kv: HostKV | None = None, sparse: SparseAttentionConfig | None = None):
         self.max_context = int(manifest.max_context)
         self.vocab_size = int(manifest.architecture["vocab_size"])
         self._kv, self._manifest, self._path = kv, manifest, Path(bundle_dir)
         # native_decoder checks the bundle (the KV layout a shared buffer among them) before it asks for the buffers
         self.decoder = native_decoder(Path(bundle_dir), manifest, self._kv_pointers, threads or physical_cores(),
-                                      only_if_faster=only_if_faster)
+                                      only_if_faster=only_if_faster, sparse=sparse)
         self.prefills = self.decoder.prefills
-        self.kernels = {"prefill": "native", "decode": "native", "native_unavailable": None}
+        self.kernels = {"prefill": "native", "decode": "native", "native_unavailable": None,
+                        "attention": "dense" if sparse is None else "sparse"}
         self._logits = np.zeros((1, self.vocab_size), np.float32)
 
     def _kv_pointers(self) -> list[int]:
@@ -53,13 +55,10 @@ class NativeBackend:
     def prefill(self, token_ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(np.asarray(token_ids, dtype=np.int64).reshape(-1))
         self._kv.check_room(len(ids))
-        if self.prefills:
-            self.decoder.prefill(ids, self._kv.position, self._logits)
-            self._kv.position += len(ids)
-            return self._logits[0].copy()
-        for token in ids:
-            logits = self.decode(int(token))
-        return logits
+        run = self.decoder.prefill if self.prefills else self.decoder.decode_prompt
+        run(ids, self._kv.position, self._logits)
+        self._kv.position += len(ids)
+        return self._logits[0].copy()
 
     def decode(self, token_id: int) -> np.ndarray:
         self._kv.check_room(1)
@@ -68,7 +67,8 @@ class NativeBackend:
         return self._logits[0].copy()
 
     def reset(self) -> None:
-        self._kv.position = 0
+        self.truncate(0)
 
     def truncate(self, position: int) -> None:
         self._kv.truncate(position)
+        self.decoder.forget(self._kv.position)

@@ -19,9 +19,18 @@ from functools import cache
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels.c")
+INCLUDED = (Path(__file__).with_name("infllmv2.c"),)  # #included by SOURCE: part of what keys the cached build
 # The opt-in build with per-phase timers in ec_decode (`edgecpm profile`); its flags key its own cached library.
 PHASE_TIMER_FLAGS = ("-DEC_PHASE_TIMERS",)
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], ["-O3", "-mcpu=native", "-fopenmp", "-fno-math-errno"])  # x86 / some ARM compilers
+# aarch64: the NEON kernels equal the portable C's float order only where the compiler fuses nothing it is not told to.
+ARM_FLAGS = ("-ffp-contract=off",)
+# The portable C build (no vector intrinsics): the reference the vectorised paths off x86 equal bit for bit.
+PORTABLE_FLAGS = ("-DEC_PORTABLE", "-ffp-contract=off")
+# A target instead of this CPU's own (e.g. "-march=armv8.2-a+dotprod"): cross builds, and each ISA level under emulation.
+TARGET_ENV = "EDGECPM_NATIVE_TARGET"
+ARM_MACHINES = ("aarch64", "arm64")
+HWCAP_KEYS = (16, 26)  # getauxval's AT_HWCAP, AT_HWCAP2: what an aarch64 CPU (or qemu's model of one) offers
 
 
 class KernelsUnavailable(RuntimeError):
@@ -35,7 +44,33 @@ def cache_dir() -> Path:
     return base / "edgecpm"
 
 
+def _hwcaps() -> str:
+    """The aarch64 HWCAP words (emulators report their CPU model's here, not in /proc/cpuinfo); empty elsewhere."""
+    if platform.machine().lower() not in ARM_MACHINES:
+        return ""
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return ""
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    return " hwcaps " + " ".join(hex(getauxval(key)) for key in HWCAP_KEYS)
+
+
+def _flag_sets() -> list[list[str]]:
+    """FLAG_SETS as this machine compiles them: with $EDGECPM_NATIVE_TARGET in place of -march/-mcpu=native (one set,
+    then), and ARM_FLAGS on aarch64."""
+    target = os.environ.get(TARGET_ENV, "").split()
+    extra = list(ARM_FLAGS) if platform.machine().lower() in ARM_MACHINES else []
+    if target:
+        return [[*target, *(f for f in FLAG_SETS[0] if not f.startswith(("-march=", "-mcpu="))), *extra]]
+    return [flags + extra for flags in FLAG_SETS]
+
+
 def _cpu_features() -> str:
+    return _cpuinfo_features() + _hwcaps()
+
+
+def _cpuinfo_features() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
             if line.startswith(("flags", "Features")):
@@ -63,9 +98,9 @@ def load_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
 
 def _build_and_load(extra_flags: list[str]) -> ctypes.CDLL:
     compiler = _compiler()
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in (SOURCE, *INCLUDED))
     errors = []
-    for flags in FLAG_SETS:
+    for flags in _flag_sets():
         flags = flags + extra_flags
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), platform.machine().encode(),
                                          _cpu_features().encode()])).hexdigest()[:16]
@@ -90,10 +125,22 @@ def _build_and_load(extra_flags: list[str]) -> ctypes.CDLL:
         library.ec_prefill.restype = ctypes.c_int
         library.ec_prefill.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                        ctypes.c_void_p]
+        for name in ("ec_forget", "ec_call_length"):
+            getattr(library, name).restype = None
+            getattr(library, name).argtypes = [ctypes.c_void_p, ctypes.c_int]
         library.ec_can_prefill.restype = ctypes.c_int
         library.ec_can_prefill.argtypes = [ctypes.c_void_p]
         library.ec_vectorised.restype = ctypes.c_int
         library.ec_vectorised.argtypes = []
+        library.ec_isa.restype = ctypes.c_char_p
+        library.ec_isa.argtypes = []
+        library.ec_stream_offsets.restype = ctypes.c_int
+        library.ec_stream_offsets.argtypes = []
+        library.ec_cpu_supported.restype = ctypes.c_int
+        library.ec_cpu_supported.argtypes = []
+        if not library.ec_cpu_supported():  # checked before anything else of it runs
+            raise KernelsUnavailable(f"{target.name} was built for {library.ec_isa().decode()}, which this CPU lacks "
+                                     f"(HWCAP); unset ${TARGET_ENV} or build on this CPU")
         library.ec_phase_seconds.restype = ctypes.c_int
         library.ec_phase_seconds.argtypes = [ctypes.c_void_p, ctypes.c_int]
         return library

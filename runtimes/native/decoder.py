@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecpm.arch.base import SparseAttentionConfig
 from edgecpm.bundle import Manifest
 from edgecpm.errors import GenerationError
 from edgecpm.quant.formats import unpack_low_first
-from edgecpm.runtimes.native.build import PHASE_TIMER_FLAGS, KernelsUnavailable, load_library
+from edgecpm.runtimes.native.build import PHASE_TIMER_FLAGS, PORTABLE_FLAGS, KernelsUnavailable, load_library
+from edgecpm.sparse.infllmv2 import SparseGeometry, kernel_count
 
 INT8_ACTIVATIONS = 4  # MatMulNBits accuracy level whose arithmetic the kernels reproduce
 MAX_HEAD_DIM = 512
@@ -31,6 +33,9 @@ ACTIVATIONS = {"silu": 0, "fatrelu": 1}
 # "1": decoders load the kernels built with per-phase timers (kernels.c, EC_PHASE_TIMERS; `edgecpm profile` sets it
 # in its own measuring process only). Read once, when a decoder is made.
 PHASE_TIMERS_ENV = "EDGECPM_NATIVE_PHASE_TIMERS"
+# "1": decoders load the portable C build (no vector intrinsics), the reference every non-x86 vectorised path equals
+# bit for bit: what the emulated ISA tests, and anyone checking a board, compare against. Read when a decoder is made.
+PORTABLE_ENV = "EDGECPM_NATIVE_PORTABLE"
 PHASES = ("embedding", "norm", "attention", "linear", "lm_head")  # kernels.c's EC_PHASE_*, in order
 
 
@@ -50,7 +55,15 @@ class Linear(ctypes.Structure):
 
 class Layer(ctypes.Structure):
     _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", Linear), ("o", Linear),
-                ("gate_up", Linear), ("down", Linear), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+                ("gate_up", Linear), ("down", Linear), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+                ("kc1", ctypes.c_void_p), ("kc2", ctypes.c_void_p), ("k_nope", ctypes.c_void_p)]
+
+
+class Sparse(ctypes.Structure):
+    """kernels.c's ec_sparse: InfLLM v2's geometry (edgecpm.sparse.SparseGeometry), enabled 0 for dense attention."""
+
+    _fields_ = [(name, ctypes.c_int32) for name in ("enabled", "kernel_size", "kernel_stride", "block_size", "init_blocks",
+                                                    "local_blocks", "topk", "dense_len", "use_nope", "exact_lse")]
 
 
 class Model(ctypes.Structure):
@@ -58,7 +71,7 @@ class Model(ctypes.Structure):
                                                     "intermediate", "vocab", "max_context", "threads", "activation")]
     _fields_ += [(name, ctypes.c_float) for name in ("activation_param", "eps", "attention_scale", "embedding_scale")]
     _fields_ += [("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p), ("table", Linear), ("head", Linear),
-                 ("final_norm", ctypes.c_void_p), ("layer", ctypes.POINTER(Layer))]
+                 ("final_norm", ctypes.c_void_p), ("layer", ctypes.POINTER(Layer)), ("sparse", Sparse)]
 
 
 SIX_BIT_OFFSET = 128 - 32  # an 8-bit code minus the 6-bit code of the same value (their middle codes)
@@ -89,12 +102,15 @@ def six_bit_blocks(codes: np.ndarray, name: str) -> np.ndarray:
 class _Weights:
     """Tensors of the data file by name, as read-only views of one memory map."""
 
-    def __init__(self, data_file: Path, index: dict, vectorised: bool):
+    def __init__(self, data_file: Path, index: dict, vectorised: bool, stream_offsets: bool = True):
         with open(data_file, "rb") as handle:
             self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         self.data = np.frombuffer(self._map, dtype=np.uint8)
         self.index = index
         self.vectorised = vectorised  # the kernels read quantized linears only from their interleaved copies
+        # the interleaved copy carries zero points' per-block offsets (kernels.c ec_stream_offsets: AVX2), else they stay
+        # a loose [n, blocks] copy the kernels add after each row (NEON: the portable order). A layout per load.
+        self.stream_offsets = stream_offsets
         self.keep: list[np.ndarray] = []  # arrays made here (transposes, casts) that C points into
         self.streamed_bytes = 0  # what one decode step reads of the linears' weights
 
@@ -154,20 +170,20 @@ class _Weights:
         stored, stream_bits = self.array(codes), entry["bits"]
         if entry.get("value_bits") == 6 and entry["bits"] == 8 and whole_items and self.vectorised:
             stored, stream_bits = six_bit_blocks(stored, codes), 6
-        packed, scale_format = self._interleaved(stored, scales, terms)
+        packed, scale_format = self._interleaved(stored, scales, terms if self.stream_offsets else None)
         if packed is not None and name != TABLE:
             self.release_pages(codes)  # read once: dropping them as we go bounds the peak at one copy plus a tensor
         self.streamed_bytes += packed.nbytes if packed is not None else self.array(codes).nbytes + scales.nbytes
         portable = packed is None or not self.vectorised  # the portable C path reads the stored layout
         loose_terms = 0
-        if portable and terms is not None:
+        if (portable or not self.stream_offsets) and terms is not None:
             loose = np.ascontiguousarray(terms)
             self.keep.append(loose)
             loose_terms = loose.ctypes.data
         return Linear(codes=self.pointer(codes),
                       scales=self.pointer(f"{name}.scales", np.float32) if portable or name == TABLE else 0,
                       packed=0 if packed is None else packed.ctypes.data, scale_format=scale_format,
-                      offset_kind=offset_kind if packed is not None else OFFSETS_NONE,
+                      offset_kind=offset_kind if packed is not None and self.stream_offsets else OFFSETS_NONE,
                       zero_points=self.pointer(f"{name}.qzeros") if f"{name}.qzeros" in self else 0,
                       zero_terms=loose_terms if offset_kind == OFFSETS_ZERO_POINTS else 0,
                       offsets=loose_terms if offset_kind == OFFSETS_FLOAT else 0,
@@ -288,6 +304,21 @@ class NativeDecoder:
         if not self._state:
             raise KernelsUnavailable("could not allocate the decode buffers")
 
+    sparse_bytes = 0  # the InfLLM v2 state's buffers (compressed keys, no-rope keys), allocated at max context
+
+    def decode_prompt(self, tokens: np.ndarray, position: int, logits: np.ndarray) -> None:
+        """A prompt as decode steps (where `prefills` is False), attending as one prefill call would."""
+        self._library.ec_call_length(self._state, int(position + len(tokens)))
+        try:
+            for offset, token in enumerate(tokens):
+                self.decode(int(token), position + offset, logits)
+        finally:
+            self._library.ec_call_length(self._state, 0)
+
+    def forget(self, position: int) -> None:
+        """The KV cache was cut back to `position` tokens: the sparse state past it is stale."""
+        self._library.ec_forget(self._state, int(position))
+
     def decode(self, token: int, position: int, logits: np.ndarray) -> None:
         status = self._library.ec_decode(ctypes.byref(self._model), self._state, int(token), int(position),
                                          logits.ctypes.data)
@@ -325,21 +356,49 @@ def _check_faster(manifest: Manifest, library: ctypes.CDLL) -> None:
         raise KernelsUnavailable("no vectorised kernels for this CPU (the portable C path is slower than onnxruntime)")
 
 
+def sparse_state(arch: dict, max_context: int, sparse: SparseAttentionConfig | None) -> tuple[Sparse, list[list[np.ndarray]]]:
+    """kernels.c's ec_sparse and per layer the buffers of its InfLLM v2 state (Kc1, Kc2 and under use_nope the keys
+    before RoPE), allocated at max context; dense attention: ec_sparse disabled, no buffers."""
+    if sparse is None:
+        return Sparse(enabled=0), []
+    g = SparseGeometry.of(sparse)
+    kv_heads, d = arch["num_key_value_heads"], arch["head_dim"]
+
+    def zeros(rows: int) -> np.ndarray:
+        return np.zeros((kv_heads, max(rows, 1), d), np.float32)
+
+    buffers = [[zeros(kernel_count(max_context, g.kernel_size, g.kernel_stride)),
+                zeros(kernel_count(max_context, g.kernel_size2, g.kernel_stride2))]
+               + ([zeros(max_context)] if g.use_nope else []) for _ in range(arch["num_hidden_layers"])]
+    config = Sparse(enabled=1, kernel_size=g.kernel_size, kernel_stride=g.kernel_stride, block_size=g.block_size,
+                    init_blocks=g.init_blocks, local_blocks=g.local_blocks, topk=g.topk, dense_len=g.dense_len,
+                    use_nope=int(g.use_nope), exact_lse=0)
+    return config, buffers
+
+
 def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[], Sequence[int]], threads: int, *,
-                   only_if_faster: bool = False) -> NativeDecoder:
+                   only_if_faster: bool = False, sparse: SparseAttentionConfig | None = None) -> NativeDecoder:
     """kv_pointers() gives the runtime's [1, kv_heads, max_context, head_dim] fp32 buffers, key then value per
     layer (asked once the bundle passed the checks). `only_if_faster`: also refuse bundles the kernels
-    implement but decode slower than onnxruntime."""
+    implement but decode slower than onnxruntime. `sparse`: run InfLLM v2 sparse attention (infllmv2.c) with this
+    config (dense below its dense_len)."""
     _check(manifest)
-    library = load_library(PHASE_TIMER_FLAGS) if os.environ.get(PHASE_TIMERS_ENV) == "1" else load_library()
+    flags = (PHASE_TIMER_FLAGS if os.environ.get(PHASE_TIMERS_ENV) == "1" else ()) + \
+        (PORTABLE_FLAGS if os.environ.get(PORTABLE_ENV) == "1" else ())
+    library = load_library(flags) if flags else load_library()
     if only_if_faster:
         _check_faster(manifest, library)
     arch = manifest.architecture
-    weights = _Weights(bundle_dir / manifest.data_files[0], manifest.tensors, bool(library.ec_vectorised()))
+    weights = _Weights(bundle_dir / manifest.data_files[0], manifest.tensors, bool(library.ec_vectorised()),
+                       bool(library.ec_stream_offsets()))
     if float_activations := weights.quantized_with_float_activations():
         raise KernelsUnavailable(f"{float_activations[0]} computes with float activations (accuracy level 0)")
     h, vocab, tied = arch["hidden_size"], arch["vocab_size"], arch["tie_word_embeddings"]
     layers = DECODER_FAMILY[arch["architecture"]](weights, arch, kv_pointers())
+    sparse_config, sparse_buffers = sparse_state(arch, manifest.max_context, sparse)
+    for layer, buffers in zip(layers, sparse_buffers):
+        layer.kc1, layer.kc2 = buffers[0].ctypes.data, buffers[1].ctypes.data
+        layer.k_nope = buffers[2].ctypes.data if len(buffers) > 2 else None
     if f"{TABLE}.block_offsets" in weights:
         raise KernelsUnavailable("an embedding table with float zero points")
     before_table = weights.streamed_bytes
@@ -358,7 +417,9 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[
         embedding_scale=arch["scale_emb"] if tied else 1.0,  # an untied table has scale_emb folded in
         rope_cos=weights.pointer("rope_cos", np.float32), rope_sin=weights.pointer("rope_sin", np.float32),
         table=table, head=head, final_norm=weights.pointer("final_norm", np.float32),
-        layer=ctypes.cast(layers, ctypes.POINTER(Layer)))
+        layer=ctypes.cast(layers, ctypes.POINTER(Layer)), sparse=sparse_config)
     if weights.keep:
         weights.release_pages()
-    return NativeDecoder(library, model, weights, [layers])
+    decoder = NativeDecoder(library, model, weights, [layers, sparse_buffers])
+    decoder.sparse_bytes = sum(array.nbytes for buffers in sparse_buffers for array in buffers)
+    return decoder

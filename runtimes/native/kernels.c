@@ -8,9 +8,15 @@
  *
  * Why a kernel of our own: a decode step is ~300 tiny onnxruntime ops, each paying a dispatch and a thread
  * pool round trip; here a layer costs five barriers. Linears quantize their input to int8 per weight block
- * (what MatMulNBits' accuracy level 4 does) and run integer dot products (AVX2 maddubs, VNNI dpbusd, portable C
- * elsewhere). Codes keep their stored bit order: the activations are permuted once per linear into the
- * bit-plane order in which the codes come out of a 4-byte word, so no code is ever shuffled.
+ * (what MatMulNBits' accuracy level 4 does) and run integer dot products (AVX2 maddubs, VNNI dpbusd; on aarch64
+ * NEON widening multiplies, SDOT with dotprod, SMMLA with i8mm; portable C elsewhere). Codes keep their stored bit
+ * order: the activations are permuted once per linear into the bit-plane order in which the codes come out of a
+ * 4-byte word, so no code is ever shuffled.
+ *
+ * Bit-exactness: the integer sums are exact on every path. The AVX2 build keeps float orders of its own (x86 results
+ * never change); every other build (aarch64, and the portable build, -DEC_PORTABLE) sums floats in the order the
+ * portable C spells out (dot_lanes, the unfused expressions under -ffp-contract=off), which the NEON paths reproduce
+ * instruction for instruction, so their logits equal the portable build's bit for bit.
  */
 #include <math.h>
 #include <stdint.h>
@@ -22,7 +28,7 @@
 #define omp_get_thread_num() 0
 #define omp_get_num_threads() 1
 #endif
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && !defined(EC_PORTABLE)
 #include <immintrin.h>
 #define EC_AVX2 1
 static inline float hsum(__m256 v) {
@@ -44,6 +50,25 @@ static inline float hsum(__m256 v) {
 #if defined(EC_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define EC_VNNI512 1
 #endif
+#endif
+/* aarch64: NEON is part of the base ISA; SDOT (4 s8 x s8 products per int32 lane) with dotprod (Armv8.2+: Cortex-A76,
+ * A78AE, Neoverse N1), SMMLA (a 2x8 by 8x2 s8 block product) with i8mm (Armv8.6: Neoverse V1/V2). Chosen at compile
+ * time like the x86 paths (-mcpu=native on the device); ec_cpu_supported checks the CPU's HWCAPs before anything runs. */
+#if defined(__aarch64__) && defined(__ARM_NEON) && !defined(EC_PORTABLE)
+#include <arm_neon.h>
+#define EC_NEON 1
+#if defined(__ARM_FEATURE_DOTPROD)
+#define EC_DOTPROD 1
+#if defined(__ARM_FEATURE_MATMUL_INT8)
+#define EC_I8MM 1
+#endif
+#endif
+#endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
+#if defined(EC_AVX2) || defined(EC_NEON)
+#define EC_VECTOR 1 /* the kernels read linears from their interleaved copies */
 #endif
 
 /* Opt-in per-phase timers (a separate build with -DEC_PHASE_TIMERS, for `edgecpm profile`): thread 0 adds the wall
@@ -128,10 +153,18 @@ typedef struct {
     int32_t stream_bits;
 } ec_linear;
 
+/* InfLLM v2 sparse attention's configuration (spec §6.1; infllmv2.c), enabled = 0 for dense attention */
+typedef struct {
+    int32_t enabled, kernel_size, kernel_stride, block_size, init_blocks, local_blocks, topk, dense_len, use_nope, exact_lse;
+} ec_sparse;
+
 typedef struct {
     const float *input_norm, *post_norm;
     ec_linear qkv, o, gate_up, down;
     float *k_cache, *v_cache; /* [kv_heads, max_context, head_dim] */
+    /* InfLLM v2 state (infllmv2.c), where the model runs sparse: compressed keys Kc1 [kv_heads, kernels, head_dim] and
+     * Kc2, and under use_nope the keys before RoPE [kv_heads, max_context, head_dim]; else NULL */
+    float *kc1, *kc2, *k_nope;
 } ec_layer;
 
 typedef struct {
@@ -143,6 +176,7 @@ typedef struct {
     ec_linear head;                   /* logits = final_norm(x) @ head^T */
     const float *final_norm;
     const ec_layer *layer;
+    ec_sparse sparse;
 } ec_model;
 
 /* ---- activations quantized per weight block, in the codes' bit-plane order ------------------------------ */
@@ -158,9 +192,9 @@ typedef struct {
 static int bytes_per_block(const ec_linear *w) { return w->block * w->bits / 8; }
 static int chunk_bytes(int block, int bits) { int b = block * bits / 8; return b < EC_WORD ? b : EC_WORD; }
 
-/* The bits of the codes the kernels read: the interleaved copy's where the AVX2 kernels read it, else the stored. */
+/* The bits of the codes the kernels read: the interleaved copy's where the vectorised kernels read it, else the stored. */
 static int read_bits(const ec_linear *w) {
-#ifdef EC_AVX2
+#ifdef EC_VECTOR
     if (w->packed) return w->stream_bits;
 #endif
     return w->bits;
@@ -169,11 +203,53 @@ static int read_bits(const ec_linear *w) {
 /* Activations follow the codes' bit-plane order; a 6-bit stream's is that of its 4-bit low plane. */
 static int plane_bits(int bits) { return bits == 6 ? 4 : bits; }
 
-#ifdef EC_AVX2
+/* sum of a[i] * b[i] in the one order of every build but AVX2's (which keeps its own): 16 lanes, lane j fusing the
+ * products of i = j mod 16 into its sum; lanes j, j+4, j+8, j+12 added as (j + j+4) + (j+8 + j+12), those four as
+ * (0 + 1) + (2 + 3); then the tail in order, fused. NEON holds the lanes in four vectors and adds them the same way. */
+#ifndef EC_AVX2
+static float dot_lanes(const float *a, const float *b, int n) {
+    int i = 0;
+    float total;
+#ifdef EC_NEON
+    float32x4_t acc[4] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
+    for (; i + 16 <= n; i += 16)
+        for (int v = 0; v < 4; v++) acc[v] = vfmaq_f32(acc[v], vld1q_f32(a + i + 4 * v), vld1q_f32(b + i + 4 * v));
+    const float32x4_t four = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+    const float32x4_t pairs = vpaddq_f32(four, four); /* (0 + 1, 2 + 3, ...) */
+    total = vgetq_lane_f32(pairs, 0) + vgetq_lane_f32(pairs, 1);
+#else
+    float lane[16] = {0.f};
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) lane[j] = fmaf(a[i + j], b[i + j], lane[j]);
+    float four[4];
+    for (int j = 0; j < 4; j++) four[j] = (lane[j] + lane[j + 4]) + (lane[j + 8] + lane[j + 12]);
+    total = (four[0] + four[1]) + (four[2] + four[3]);
+#endif
+    for (; i < n; i++) total = fmaf(a[i], b[i], total);
+    return total;
+}
+#endif
+
+#ifdef EC_VECTOR
 /* per 16 values (one 128-bit lane): natural order -> bit-plane order of 2-, 4- and 8-bit words */
 static const int8_t plane_order[3][16] = {{0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15},
                                           {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15},
                                           {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}};
+
+/* Bytes of a group's scales, padded to whole 32-byte lines. */
+static int scale_header_bytes(int scale_format, int blocks) {
+    if (scale_format == EC_SCALES_PER_ROW) return 32;
+    const int bytes = blocks * 8 * (scale_format == EC_SCALES_FP16 ? 2 : 4);
+    return (bytes + 31) / 32 * 32;
+}
+
+/* Bytes before a group's codes: its scales, then its offsets ([blocks, 8] fp32) if it has them. */
+static int group_header_bytes(const ec_linear *w, int blocks) {
+    return scale_header_bytes(w->scale_format, blocks) + (w->offset_kind ? blocks * 8 * 4 : 0);
+}
+#endif
+
+#ifdef EC_AVX2
 
 /* One whole block of a multiple of 32 values: returns sum(q) and writes amax / the float sum. */
 static int32_t quantize_block_avx2(const float *x, int block, int bits, int8_t *q, float *amax_out, float *exact_out) {
@@ -211,6 +287,32 @@ static int32_t quantize_block_avx2(const float *x, int block, int bits, int8_t *
 }
 #endif
 
+#ifdef EC_NEON
+/* One whole block of a multiple of 16 values: returns sum(q) and writes amax. The portable loop's values exactly:
+ * max is order-free, x * inv is one rounding, FCVTNS rounds to nearest with ties to even as nearbyintf does. */
+static int32_t quantize_block_neon(const float *x, int block, int bits, int8_t *q, float *amax_out) {
+    float32x4_t amax = vdupq_n_f32(0.f);
+    for (int j = 0; j < block; j += 4) amax = vmaxq_f32(amax, vabsq_f32(vld1q_f32(x + j)));
+    const float top = vmaxvq_f32(amax), inv = top > 0.f ? 127.f / top : 0.f;
+    const float32x4_t scale = vdupq_n_f32(inv);
+    const int8x16_t order = vld1q_s8(plane_order[bits == 2 ? 0 : bits == 4 ? 1 : 2]);
+    int32x4_t total = vdupq_n_s32(0);
+    for (int j = 0; j < block; j += 16) {
+        int32x4_t v[4];
+        for (int c = 0; c < 4; c++) {
+            v[c] = vcvtnq_s32_f32(vmulq_f32(vld1q_f32(x + j + 4 * c), scale));
+            total = vaddq_s32(total, v[c]);
+        }
+        const int16x8_t low = vcombine_s16(vmovn_s32(v[0]), vmovn_s32(v[1]));
+        const int16x8_t high = vcombine_s16(vmovn_s32(v[2]), vmovn_s32(v[3]));
+        const int8x16_t bytes = vcombine_s8(vmovn_s16(low), vmovn_s16(high)); /* |v| <= 127: narrowing is exact */
+        vst1q_s8(q + j, vqtbl1q_s8(bytes, vreinterpretq_u8_s8(order)));
+    }
+    *amax_out = top;
+    return vaddvq_s32(total);
+}
+#endif
+
 static void quantize(const ec_linear *w, const float *x_in, float *gathered, ec_act *a) {
     const float *x = x_in;
     if (w->input_order) {
@@ -226,9 +328,15 @@ static void quantize(const ec_linear *w, const float *x_in, float *gathered, ec_
         float amax = 0.f, exact = 0.f;
         int8_t *q = a->q + base;
         int32_t total = 0;
-#ifdef EC_AVX2
+#if defined(EC_AVX2)
         if (valid == block && block % 32 == 0) {
             total = quantize_block_avx2(x + base, block, planes, q, &amax, &exact);
+        } else
+#elif defined(EC_NEON)
+        if (valid == block && block % 16 == 0) {
+            total = quantize_block_neon(x + base, block, planes, q, &amax);
+            if (w->offsets) /* the float input sum, in the portable order, only where float zero points read it */
+                for (int j = 0; j < block; j++) exact += x[base + j];
         } else
 #endif
         {
@@ -348,18 +456,6 @@ static inline __m512i broadcast_word_pair(const int8_t *first, const int8_t *sec
     return _mm512_inserti64x4(_mm512_set1_epi32(a), _mm256_set1_epi32(b), 1);
 }
 #endif
-
-/* Bytes of a group's scales, padded to whole 32-byte lines. */
-static int scale_header_bytes(int scale_format, int blocks) {
-    if (scale_format == EC_SCALES_PER_ROW) return 32;
-    const int bytes = blocks * 8 * (scale_format == EC_SCALES_FP16 ? 2 : 4);
-    return (bytes + 31) / 32 * 32;
-}
-
-/* Bytes before a group's codes: its scales, then its offsets ([blocks, 8] fp32) if it has them. */
-static int group_header_bytes(const ec_linear *w, int blocks) {
-    return scale_header_bytes(w->scale_format, blocks) + (w->offset_kind ? blocks * 8 * 4 : 0);
-}
 
 /* The per-block input sums the offsets multiply. */
 static const float *offset_inputs(const ec_linear *w, const ec_act *a) {
@@ -518,12 +614,208 @@ static inline __attribute__((always_inline)) void groups_avx2(const int bits, co
         }
 }
 
+#define EC_GROUPS groups_avx2
+#endif
+
+#ifdef EC_NEON
+/* Plane p of one 16-byte load (4 rows x one 4-byte word, a row per 32-bit lane) as signed bytes: 2- and 4-bit values
+ * at bits 0-1 / 0-3, or at bits 4-5 for a 6-bit stream's high plane (`high`: worth 16 of the low plane's units, as
+ * on x86), 8-bit codes centred (code - 128). NEON shifts bytes, so no mask follows a right shift to the top. */
+static inline __attribute__((always_inline)) int8x16_t neon_plane(const int bits, const int high, uint8x16_t raw, const int p) {
+    if (bits == 8) return vreinterpretq_s8_u8(veorq_u8(raw, vdupq_n_u8(0x80)));
+    if (bits == 4) return vreinterpretq_s8_u8(p == 0 ? vandq_u8(raw, vdupq_n_u8(0x0F)) : vshrq_n_u8(raw, 4));
+    if (high) {
+        const uint8x16_t mask = vdupq_n_u8(0x30);
+        const uint8x16_t v = p == 0 ? vshlq_n_u8(raw, 4) : p == 1 ? vshlq_n_u8(raw, 2) : p == 2 ? raw : vshrq_n_u8(raw, 2);
+        return vreinterpretq_s8_u8(vandq_u8(v, mask));
+    }
+    if (p == 3) return vreinterpretq_s8_u8(vshrq_n_u8(raw, 6));
+    const uint8x16_t v = p == 0 ? raw : p == 1 ? vshrq_n_u8(raw, 2) : vshrq_n_u8(raw, 4);
+    return vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x03)));
+}
+
+/* The 4 activation bytes of one plane of a word, in every lane. */
+static inline int8x16_t neon_broadcast(const int8_t *q) {
+    int32_t word;
+    memcpy(&word, q, sizeof(word));
+    return vreinterpretq_s8_s32(vdupq_n_s32(word));
+}
+
+/* Integer sums of one block, per token, group and half (rows 0-3, 4-7): with dotprod one int32 per row
+ * ([..][0]); without, pair sums (vpadal of s16 products) of rows 0-1 in [..][0] and 2-3 in [..][1], added pairwise
+ * when the block ends (neon_row_sums). */
+typedef int32x4_t ec_neon_sums[2][2][2];
+typedef ec_neon_sums ec_neon_dot[EC_TOKENS];
+
+static inline __attribute__((always_inline)) int32x4_t neon_row_sums(int32x4_t *sums) {
+#ifdef EC_DOTPROD
+    return sums[0];
+#else
+    return vpaddq_s32(sums[0], sums[1]);
+#endif
+}
+
+/* Adds `words` 32-byte loads of `bits`-bit words (two 16-byte halves of 8 rows x one word; from *codes, which moves
+ * past them) times their activations, from value `first` of each token's q on, into dot (see groups_avx2's add_words:
+ * the same products, summed exactly). Without dotprod a word's planes are multiplied into s16 (at most
+ * 4 x 48 x 127 < 2^15 per lane, the 6-bit high plane) and widened once per word. */
+static inline __attribute__((always_inline)) void add_words_neon(const int bits, const int pairs, const int tokens,
+                                                                 const uint8_t **codes, size_t group_bytes,
+                                                                 const ec_act *acts, int first, int words,
+                                                                 const int high, ec_neon_sums *dot) {
+    const int per = 8 / bits;
+    for (int word = 0; word < words; word++, *codes += 32) {
+        int8x16_t planes[2][2][4];
+        for (int g = 0; g < pairs; g++)
+            for (int h = 0; h < 2; h++) {
+                const uint8x16_t raw = vld1q_u8(*codes + g * group_bytes + 16 * h);
+                for (int p = 0; p < per; p++) planes[g][h][p] = neon_plane(bits, high, raw, p);
+            }
+        for (int t = 0; t < tokens; t++) {
+            const int8_t *q = acts[t].q + first + word * EC_WORD * per;
+            int8x16_t x[4];
+            for (int p = 0; p < per; p++) x[p] = neon_broadcast(q + EC_WORD * p);
+            for (int g = 0; g < pairs; g++)
+                for (int h = 0; h < 2; h++) {
+#ifdef EC_DOTPROD
+                    for (int p = 0; p < per; p++) dot[t][g][h][0] = vdotq_s32(dot[t][g][h][0], planes[g][h][p], x[p]);
+#else
+                    int16x8_t low = vmull_s8(vget_low_s8(planes[g][h][0]), vget_low_s8(x[0]));
+                    int16x8_t top = vmull_high_s8(planes[g][h][0], x[0]);
+                    for (int p = 1; p < per; p++) {
+                        low = vmlal_s8(low, vget_low_s8(planes[g][h][p]), vget_low_s8(x[p]));
+                        top = vmlal_high_s8(top, planes[g][h][p], x[p]);
+                    }
+                    dot[t][g][h][0] = vpadalq_s16(dot[t][g][h][0], low);
+                    dot[t][g][h][1] = vpadalq_s16(dot[t][g][h][1], top);
+#endif
+                }
+        }
+    }
+}
+
+#ifdef EC_I8MM
+/* Prefill with i8mm: SMMLA multiplies 2 rows x 8 codes by 8 activations x 2 tokens into a 2x2 int32 block, twice
+ * SDOT's products per instruction. A row's 8 codes are two of its 4-byte planes zipped side by side (planes 2k and
+ * 2k+1 of a word, whose activations are 8 consecutive bytes; for 8-bit codes two consecutive words), so the
+ * interleaved layout serves as it is. Adds the integer sums of token pairs (0, 1) and (2, 3) into dot; the same
+ * products as add_words_neon, so the same integers. */
+static inline __attribute__((always_inline)) void add_words_i8mm(const int bits, const int token_pairs,
+                                                                 const uint8_t **codes, const ec_act *acts, int first,
+                                                                 int words, const int high, ec_neon_sums *dot) {
+    const int per = 8 / bits, step = bits == 8 ? 2 : 1; /* words per round */
+    int32x4_t block[2][2][2]; /* [token pair][half][rows 0-1 | rows 2-3]: lanes (row r, token t) as r0t0 r0t1 r1t0 r1t1 */
+    for (int k = 0; k < token_pairs; k++)
+        for (int h = 0; h < 2; h++) block[k][h][0] = block[k][h][1] = vdupq_n_s32(0);
+    for (int word = 0; word < words; word += step, *codes += 32 * step) {
+        int32x4_t rows[2][2][2]; /* [half][plane pair][rows 0-1 | 2-3] */
+        const int plane_pairs = bits == 8 ? 1 : per / 2;
+        for (int h = 0; h < 2; h++) {
+            const uint8x16_t raw = vld1q_u8(*codes + 16 * h);
+            for (int k = 0; k < plane_pairs; k++) {
+                const int32x4_t a = vreinterpretq_s32_s8(neon_plane(bits, high, raw, bits == 8 ? 0 : 2 * k));
+                const int32x4_t b = vreinterpretq_s32_s8(bits == 8 ? neon_plane(8, 0, vld1q_u8(*codes + 32 + 16 * h), 0)
+                                                                   : neon_plane(bits, high, raw, 2 * k + 1));
+                rows[h][k][0] = vzip1q_s32(a, b);
+                rows[h][k][1] = vzip2q_s32(a, b);
+            }
+        }
+        for (int k = 0; k < token_pairs; k++)
+            for (int pp = 0; pp < plane_pairs; pp++) {
+                const int offset = first + word * EC_WORD * per + 8 * pp;
+                const int8x16_t x = vcombine_s8(vld1_s8(acts[2 * k].q + offset), vld1_s8(acts[2 * k + 1].q + offset));
+                for (int h = 0; h < 2; h++)
+                    for (int r = 0; r < 2; r++)
+                        block[k][h][r] = vmmlaq_s32(block[k][h][r], vreinterpretq_s8_s32(rows[h][pp][r]), x);
+            }
+    }
+    for (int k = 0; k < token_pairs; k++)
+        for (int h = 0; h < 2; h++) {
+            dot[2 * k][0][h][0] = vaddq_s32(dot[2 * k][0][h][0], vuzp1q_s32(block[k][h][0], block[k][h][1]));
+            dot[2 * k + 1][0][h][0] = vaddq_s32(dot[2 * k + 1][0][h][0], vuzp2q_s32(block[k][h][0], block[k][h][1]));
+        }
+}
+#endif
+
+/* The integer sums of one block of `bits`-bit words (see groups_avx2 for 6-bit blocks). */
+static inline __attribute__((always_inline)) void block_dots_neon(const int bits, const int pairs, const int tokens,
+                                                                  const uint8_t **codes, size_t group_bytes,
+                                                                  const ec_act *acts, int first, int words,
+                                                                  const int high, ec_neon_sums *dot) {
+#ifdef EC_I8MM
+    if (tokens >= 2 && pairs == 1 && (bits != 8 || words % 2 == 0)) {
+        const uint8_t *start = *codes;
+        add_words_i8mm(bits, tokens / 2, codes, acts, first, words, high, dot);
+        if (tokens % 2) { /* the odd token with SDOT, over the same words */
+            add_words_neon(bits, 1, 1, &start, group_bytes, acts + tokens - 1, first, words, high, dot + tokens - 1);
+        }
+        return;
+    }
+#endif
+    add_words_neon(bits, pairs, tokens, codes, group_bytes, acts, first, words, high, dot);
+}
+
+/* groups_avx2 on NEON: `pairs` row groups of 8 rows (two 4-row halves) against `tokens` tokens, with the portable
+ * path's float arithmetic per row: per block, total + (row scale * input scale) * (float)(dot + correction),
+ * unfused; offsets, where a linear has them, are added afterwards from their loose copy (zero_point_term), as the
+ * portable path does. */
+static inline __attribute__((always_inline)) void groups_neon(const int bits, const int pairs, const int tokens,
+                                                              const int scale_format, const ec_linear *w, int group,
+                                                              const ec_act *acts, float *out, int stride, int count) {
+    const int blocks = (w->k + w->block - 1) / w->block, words = w->block * bits / 8 / EC_WORD;
+    const int header = group_header_bytes(w, blocks);
+    const size_t group_bytes = header + (size_t)blocks * words * 32;
+    const uint8_t *scales = w->packed + group * group_bytes, *codes = scales + header;
+    const size_t ahead = (size_t)EC_PREFETCH_BLOCKS * words * 32;
+    float32x4_t acc[EC_TOKENS][2][2];
+    for (int t = 0; t < tokens; t++)
+        for (int g = 0; g < pairs; g++) acc[t][g][0] = acc[t][g][1] = vdupq_n_f32(0.f);
+    for (int b = 0; b < blocks; b++) {
+        for (int g = 0; g < pairs; g++)
+            for (int line = 0; line < words * 32; line += 64) __builtin_prefetch(codes + g * group_bytes + ahead + line);
+        ec_neon_dot dot;
+        for (int t = 0; t < tokens; t++)
+            for (int g = 0; g < pairs; g++)
+                for (int h = 0; h < 2; h++) dot[t][g][h][0] = dot[t][g][h][1] = vdupq_n_s32(0);
+        if (bits == 6) {
+            block_dots_neon(4, pairs, tokens, &codes, group_bytes, acts, b * w->block, w->block / 8, 0, dot);
+            block_dots_neon(2, pairs, tokens, &codes, group_bytes, acts, b * w->block, w->block / 16, 1, dot);
+        } else {
+            block_dots_neon(bits, pairs, tokens, &codes, group_bytes, acts, b * w->block, words, 0, dot);
+        }
+        for (int g = 0; g < pairs; g++) {
+            const uint8_t *own = scales + g * group_bytes;
+            for (int h = 0; h < 2; h++) {
+                float32x4_t row_scale; /* rows 4h..4h+3 of the group */
+                if (scale_format == EC_SCALES_FP16) row_scale = vcvt_f32_f16(vld1_f16((const float16_t *)own + 8 * b + 4 * h));
+                else if (scale_format == EC_SCALES_FP32) row_scale = vld1q_f32((const float *)own + 8 * b + 4 * h);
+                else row_scale = vld1q_f32((const float *)own + 4 * h); /* EC_SCALES_PER_ROW: every block's scale */
+                for (int t = 0; t < tokens; t++) {
+                    const int32x4_t sums = vaddq_s32(neon_row_sums(dot[t][g][h]), vdupq_n_s32(acts[t].correction[b]));
+                    const float32x4_t product = vmulq_f32(vmulq_f32(row_scale, vdupq_n_f32(acts[t].scale[b])), vcvtq_f32_s32(sums));
+                    acc[t][g][h] = vaddq_f32(acc[t][g][h], product);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < tokens; t++)
+        for (int g = 0; g < pairs; g++) {
+            float rows[8];
+            vst1q_f32(rows, acc[t][g][0]);
+            vst1q_f32(rows + 4, acc[t][g][1]);
+            for (int r = 0; r < 8 && 8 * g + r < count; r++) out[(size_t)t * stride + 8 * g + r] = rows[r];
+        }
+}
+#define EC_GROUPS groups_neon
+#endif
+
+#ifdef EC_VECTOR
 /* Decode: one token, two groups at a time. */
 #define EC_ROW_KERNELS(bits, format)                                                                                     \
     static void rows_##bits##_##format(const ec_linear *w, int row, int count, const ec_act *a, float *out) {           \
         int r = 0;                                                                                                        \
-        for (; r + 16 <= count; r += 16) groups_avx2(bits, 2, 1, format, w, (row + r) / 8, a, out + r, 0, 16);           \
-        for (; r < count; r += 8) groups_avx2(bits, 1, 1, format, w, (row + r) / 8, a, out + r, 0, count - r);             \
+        for (; r + 16 <= count; r += 16) EC_GROUPS(bits, 2, 1, format, w, (row + r) / 8, a, out + r, 0, 16);           \
+        for (; r < count; r += 8) EC_GROUPS(bits, 1, 1, format, w, (row + r) / 8, a, out + r, 0, count - r);             \
     }
 #define EC_ROW_KERNELS_ALL_BITS(format) \
     EC_ROW_KERNELS(2, format) EC_ROW_KERNELS(4, format) EC_ROW_KERNELS(6, format) EC_ROW_KERNELS(8, format)
@@ -544,10 +836,10 @@ static ec_rows_kernel rows_kernel(const ec_linear *w) {
     static void tokens_##bits##_##format(const ec_linear *w, int group, const ec_act *acts, int tokens, float *out,       \
                                          int stride, int count) {                                                         \
         switch (tokens) {                                                                                                 \
-        case 1: groups_avx2(bits, 1, 1, format, w, group, acts, out, stride, count); break;                             \
-        case 2: groups_avx2(bits, 1, 2, format, w, group, acts, out, stride, count); break;                             \
-        case 3: groups_avx2(bits, 1, 3, format, w, group, acts, out, stride, count); break;                             \
-        default: groups_avx2(bits, 1, 4, format, w, group, acts, out, stride, count); break;                            \
+        case 1: EC_GROUPS(bits, 1, 1, format, w, group, acts, out, stride, count); break;                             \
+        case 2: EC_GROUPS(bits, 1, 2, format, w, group, acts, out, stride, count); break;                             \
+        case 3: EC_GROUPS(bits, 1, 3, format, w, group, acts, out, stride, count); break;                             \
+        default: EC_GROUPS(bits, 1, 4, format, w, group, acts, out, stride, count); break;                            \
         }                                                                                                                 \
     }
 #define EC_TOKEN_KERNELS_ALL_BITS(format) \
@@ -564,10 +856,10 @@ static ec_tokens_kernel tokens_kernel(const ec_linear *w) {
     return kernels[w->scale_format][w->stream_bits / 2 - 1];
 }
 
-/* Rows the AVX2 kernels compute; others take the portable path over the stored codes, with activations in the same
- * order (2/4/8-bit streams keep the stored words' order; 6-bit streams are made only for linears split in whole
+/* Rows the vectorised kernels compute; others take the portable path over the stored codes, with activations in the
+ * same order (2/4/8-bit streams keep the stored words' order; 6-bit streams are made only for linears split in whole
  * 16-row items, so every row is covered). */
-static int avx2_covers(const ec_linear *w, int row) {
+static int packed_covers(const ec_linear *w, int row) {
     return w->packed && row % 8 == 0 && w->block * w->stream_bits / 8 % EC_WORD == 0;
 }
 #endif
@@ -584,6 +876,7 @@ static int zero_point(const ec_linear *w, int row, int b) {
 static float zero_point_term(const ec_linear *w, int row, const ec_act *a) {
     const int blocks = (w->k + w->block - 1) / w->block;
     float total = 0.f;
+#ifdef EC_AVX2
     if (w->zero_terms) {
         const float *terms = w->zero_terms + (size_t)row * blocks;
 #pragma omp simd reduction(+ : total)
@@ -594,14 +887,18 @@ static float zero_point_term(const ec_linear *w, int row, const ec_act *a) {
 #pragma omp simd reduction(+ : total)
         for (int b = 0; b < blocks; b++) total += off[b] * a->exact[b];
     }
+#else
+    if (w->zero_terms) total += dot_lanes(w->zero_terms + (size_t)row * blocks, a->sum, blocks);
+    if (w->offsets) total += dot_lanes(w->offsets + (size_t)row * blocks, a->exact, blocks);
+#endif
     return total;
 }
 
 static void quantized_rows(const ec_linear *w, int row, int count, const ec_act *a, float *out) {
     const int blocks = (w->k + w->block - 1) / w->block, bpb = bytes_per_block(w);
     const int explicit_zero = w->zero_terms || w->offsets;
-#ifdef EC_AVX2
-    if (avx2_covers(w, row)) {
+#ifdef EC_VECTOR
+    if (packed_covers(w, row)) {
         rows_kernel(w)(w, row, count, a, out);
         if (explicit_zero && !w->offset_kind)
             for (int r = 0; r < count; r++) out[r] += zero_point_term(w, row + r, a);
@@ -623,8 +920,8 @@ static void quantized_rows(const ec_linear *w, int row, int count, const ec_act 
  * codes are read from memory once for all of them, then from cache. */
 static void quantized_rows_tokens(const ec_linear *w, int row, int count, const ec_act *acts, int tokens, float *out,
                                   int stride) {
-#ifdef EC_AVX2
-    if (avx2_covers(w, row)) {
+#ifdef EC_VECTOR
+    if (packed_covers(w, row)) {
         const ec_tokens_kernel kernel = tokens_kernel(w);
         for (int r = 0; r < count; r += 8)
             for (int t = 0; t < tokens; t += EC_TOKENS)
@@ -652,8 +949,11 @@ static void dense_rows(const ec_linear *w, int row, int count, const float *x, f
             acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
         }
         total = hsum(_mm256_add_ps(acc0, acc1));
-#endif
         for (; i < w->k; i++) total += wr[i] * x[i];
+#else
+        (void)i;
+        total = dot_lanes(wr, x, w->k);
+#endif
         out[r] = total;
     }
 }
@@ -673,6 +973,17 @@ static void dense_kn_rows(const ec_linear *w, int i, int end, const float *x, fl
             acc = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + j), acc);
             acc = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + j), acc);
             _mm256_storeu_ps(partial + j, _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + j), acc));
+        }
+#elif defined(EC_NEON)
+        /* the portable line below, lane for lane: ((x0 w0 + x1 w1) + x2 w2) + x3 w3, then added, unfused */
+        const float32x4_t x0 = vdupq_n_f32(x[i]), x1 = vdupq_n_f32(x[i + 1]), x2 = vdupq_n_f32(x[i + 2]),
+                          x3 = vdupq_n_f32(x[i + 3]);
+        for (; j + 4 <= n; j += 4) {
+            float32x4_t sum = vmulq_f32(x0, vld1q_f32(w0 + j));
+            sum = vaddq_f32(sum, vmulq_f32(x1, vld1q_f32(w1 + j)));
+            sum = vaddq_f32(sum, vmulq_f32(x2, vld1q_f32(w2 + j)));
+            sum = vaddq_f32(sum, vmulq_f32(x3, vld1q_f32(w3 + j)));
+            vst1q_f32(partial + j, vaddq_f32(vld1q_f32(partial + j), sum));
         }
 #endif
         for (; j < n; j++) partial[j] += x[i] * w0[j] + x[i + 1] * w1[j] + x[i + 2] * w2[j] + x[i + 3] * w3[j];
@@ -704,7 +1015,13 @@ static void prepare_input(const ec_linear *w, const float *x, ec_scratch *s) {
     if (w->dense_nk) return;
     memset(s->partial, 0, sizeof(float) * w->n);
     const int chunk = row_chunk(w->k, omp_get_num_threads()), chunks = (w->k + chunk - 1) / chunk;
+#ifdef EC_AVX2
 #pragma omp for schedule(dynamic, 1)
+#else
+    /* chunk c always to thread c mod threads: which chunks a thread's partial sums hold, and so the float sums, are
+     * the same every step and on every path (with dynamic items they vary from run to run) */
+#pragma omp for schedule(static, 1)
+#endif
     for (int c = 0; c < chunks; c++)
         dense_kn_rows(w, c * chunk, (c + 1) * chunk < w->k ? (c + 1) * chunk : w->k, x, s->partial);
 }
@@ -847,13 +1164,15 @@ static void key_scores(const float *q, const float *keys, int count, int d, floa
         const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
         _mm256_storeu_ps(scores + t, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
     }
-#endif
     for (; t < count; t++) {
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
         for (int i = 0; i < d; i++) dot += q[i] * keys[(size_t)t * d + i];
         scores[t] = dot * scale;
     }
+#else
+    for (; t < count; t++) scores[t] = dot_lanes(q, keys + (size_t)t * d, d) * scale;
+#endif
 }
 
 /* scores[t] = exp(scores[t] - top); returns their sum */
@@ -891,10 +1210,25 @@ static void weighted_values(const float *p, const float *values, int count, int 
         _mm256_storeu_ps(out + i, a0); _mm256_storeu_ps(out + i + 8, a1);
         _mm256_storeu_ps(out + i + 16, a2); _mm256_storeu_ps(out + i + 24, a3);
     }
-#endif
     for (int t = 0; t < count; t++)
 #pragma omp simd
         for (int j = i; j < d; j++) out[j] += p[t] * values[(size_t)t * d + j];
+#else
+    /* every other build: one fused multiply-add per value and position, positions in order */
+#ifdef EC_NEON
+    for (; i + 16 <= d; i += 16) { /* four accumulators stay in registers across all positions */
+        float32x4_t a[4];
+        for (int v = 0; v < 4; v++) a[v] = vld1q_f32(out + i + 4 * v);
+        for (int t = 0; t < count; t++) {
+            const float32x4_t pt = vdupq_n_f32(p[t]);
+            for (int v = 0; v < 4; v++) a[v] = vfmaq_f32(a[v], pt, vld1q_f32(values + (size_t)t * d + i + 4 * v));
+        }
+        for (int v = 0; v < 4; v++) vst1q_f32(out + i + 4 * v, a[v]);
+    }
+#endif
+    for (int t = 0; t < count; t++)
+        for (int j = i; j < d; j++) out[j] = fmaf(p[t], values[(size_t)t * d + j], out[j]);
+#endif
 }
 
 static void store_kv(const ec_model *m, const ec_layer *l, int g, int position, const float *qkv) {
@@ -902,6 +1236,7 @@ static void store_kv(const ec_model *m, const ec_layer *l, int g, int position, 
     float *k = l->k_cache + ((size_t)g * m->max_context + position) * d;
     float *v = l->v_cache + ((size_t)g * m->max_context + position) * d;
     memcpy(k, qkv + (m->heads + g) * d, sizeof(float) * d);
+    if (l->k_nope) memcpy(l->k_nope + ((size_t)g * m->max_context + position) * d, k, sizeof(float) * d);
     rotate(k, m->rope_cos + (size_t)position * (m->rotary_dim / 2), m->rope_sin + (size_t)position * (m->rotary_dim / 2),
            m->rotary_dim);
     memcpy(v, qkv + (m->heads + m->kv_heads + g) * d, sizeof(float) * d);
@@ -979,6 +1314,32 @@ static void combine_attention(const ec_model *m, const ec_attention *at, int spl
     }
 }
 
+#include "infllmv2.c"
+
+/* Within the team's parallel region: dense attention of `n` prompt tokens at positions [first, first + n) of layer l,
+ * whose keys and values are stored; each token's attention into `out` rows of `stride` floats. */
+static void dense_prefill_attention(const ec_model *m, const ec_layer *l, const ec_attention *buffers, const float *qkv,
+                                    size_t qkv_stride, int first, int n, float *scores, float *out, size_t stride) {
+    /* Each token split as its decode step would be, so a prompt leaves the cache and logits that
+     * decoding it token by token does, bit for bit. An item is one (KV group, range index) for every
+     * token of the pass: the tokens' ranges nearly coincide, so the keys and values one token reads
+     * are in cache for the next (long prompts would otherwise read the whole prefix once per token). */
+    const int most_splits = attention_splits(m, first + n - 1);
+#pragma omp for schedule(dynamic, 1)
+    for (int item = 0; item < m->kv_heads * most_splits; item++)
+        for (int t = 0; t < n; t++) {
+            const int splits = attention_splits(m, first + t);
+            if (item % most_splits >= splits) continue;
+            const ec_attention at = token_attention(m, buffers, t);
+            attend_range(m, l, item / most_splits, item % most_splits, splits, first + t, qkv + (size_t)t * qkv_stride,
+                         &at, scores, 0);
+        }
+    for (int t = 0; t < n; t++) {
+        const ec_attention at = token_attention(m, buffers, t);
+        combine_attention(m, &at, attention_splits(m, first + t), out + t * stride);
+    }
+}
+
 /* ---- the step ------------------------------------------------------------------------------------------ */
 
 static size_t widest_input(const ec_model *m) {
@@ -1001,6 +1362,7 @@ typedef struct {
     int threads;
     ec_thread *thread;
     float **partials; /* each thread's ec_scratch.partial */
+    ec_sparse_state *sparse; /* where the model runs sparse attention, else NULL */
 } ec_state;
 
 void ec_state_free(ec_state *st) {
@@ -1015,6 +1377,7 @@ void ec_state_free(ec_state *st) {
     }
     free(st->partials); free(st->thread); free(st->qkv); free(st->branch); free(st->gated);
     free(st->attention.values); free(st->attention.top); free(st->attention.total);
+    sparse_state_free(st->sparse);
     free(st);
 }
 
@@ -1033,8 +1396,9 @@ ec_state *ec_state_new(const ec_model *m) {
     st->thread = calloc((size_t)m->threads, sizeof(*st->thread));
     st->partials = calloc((size_t)m->threads, sizeof(float *));
     const size_t widest_output = (size_t)m->vocab > 2 * wide ? (size_t)m->vocab : 2 * wide;
+    if (m->sparse.enabled) st->sparse = sparse_state_new(m);
     int ok = st->partials && st->qkv && st->attention.values && st->attention.top && st->attention.total && st->branch &&
-             st->gated && st->thread;
+             st->gated && st->thread && (st->sparse || !m->sparse.enabled);
     for (int t = 0; ok && t < m->threads; t++) {
         ec_thread *own = &st->thread[t];
         own->residual = malloc(sizeof(float) * EC_TILE * m->hidden);
@@ -1063,22 +1427,86 @@ ec_state *ec_state_new(const ec_model *m) {
 
 /* 1 when the vectorised kernels were compiled in (AVX2 + FMA); the portable C path alone is slower than
  * onnxruntime's own kernels, so `auto` does not pick it. */
-/* 0: portable C; 1: AVX2; 2: AVX2 with VNNI dot products; 3: and 512-bit loads for 2-, 4- and 6-bit codes */
+/* 0: portable C; 1: AVX2; 2: AVX2 with VNNI dot products; 3: and 512-bit loads for 2-, 4- and 6-bit codes.
+ * aarch64 likewise: 1 NEON, 2 with SDOT (dotprod), 3 and SMMLA (i8mm) for prompts (ec_isa names it). */
 int ec_vectorised(void) {
-#if defined(EC_VNNI512)
+#if defined(EC_VNNI512) || defined(EC_I8MM)
     return 3;
-#elif defined(EC_VNNI)
+#elif defined(EC_VNNI) || defined(EC_DOTPROD)
     return 2;
-#elif defined(EC_AVX2)
+#elif defined(EC_AVX2) || defined(EC_NEON)
     return 1;
 #else
     return 0;
 #endif
 }
 
+/* The instruction set the kernels were compiled for. */
+const char *ec_isa(void) {
+#if defined(EC_VNNI512)
+    return "avx512-vnni";
+#elif defined(EC_VNNI)
+    return "avx-vnni";
+#elif defined(EC_AVX2)
+    return "avx2";
+#elif defined(EC_I8MM)
+    return "neon-dotprod-i8mm";
+#elif defined(EC_DOTPROD)
+    return "neon-dotprod";
+#elif defined(EC_NEON)
+    return "neon";
+#else
+    return "portable";
+#endif
+}
+
+/* 1 where the interleaved copy carries the per-block offsets of zero points and the kernels add them per block
+ * (AVX2: its own float order, kept); 0 where the offsets stay a loose [n, blocks] copy added after each row, the
+ * portable path's order (NEON, so its logits equal the portable build's). The decoder lays out weights by it. */
+int ec_stream_offsets(void) {
+#ifdef EC_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* 1 when this CPU has every instruction the library was compiled for (aarch64 Linux: the kernel's HWCAP bits), so a
+ * library built for a wider ISA (a cross build, a cache shared between boards) is refused, never run into SIGILL.
+ * Elsewhere the build is for this CPU (-march=native) and 1 is the answer. */
+int ec_cpu_supported(void) {
+#if defined(EC_NEON) && defined(__linux__)
+    const unsigned long hwcap = getauxval(AT_HWCAP), hwcap2 = getauxval(AT_HWCAP2);
+    int ok = (hwcap & (1UL << 1)) != 0; /* HWCAP_ASIMD */
+#ifdef EC_DOTPROD
+    ok = ok && (hwcap & (1UL << 20)); /* HWCAP_ASIMDDP */
+#endif
+#ifdef EC_I8MM
+    ok = ok && (hwcap2 & (1UL << 13)); /* HWCAP2_I8MM */
+#endif
+    (void)hwcap2;
+    return ok;
+#else
+    return 1;
+#endif
+}
+
+/* The cache was cut back to `position` tokens (prompt-prefix reuse, reset): compressed keys past it are stale. */
+void ec_forget(ec_state *st, int position) {
+    if (st->sparse && st->sparse->summarized > position) st->sparse->summarized = position;
+}
+
+/* Decode steps that run one prompt (bundles ec_prefill cannot run) attend as the prompt's one call would: sparse
+ * when the prompt's total length `length` reaches dense_len (0: each step by its own length). */
+void ec_call_length(ec_state *st, int length) {
+    if (st->sparse) st->sparse->call_length = length;
+}
+
 int ec_decode(const ec_model *m, ec_state *st, int token, int position, float *logits) {
     if (token < 0 || token >= m->vocab || position < 0 || position >= m->max_context) return 1;
     const int H = m->hidden, I = m->intermediate;
+    const int sparse = sparse_call(m, st->sparse && st->sparse->call_length > position ? st->sparse->call_length : position + 1);
+    const int compressed = sparse ? st->sparse->summarized : 0;
 #pragma omp parallel num_threads(st->threads)
     {
         /* every thread holds the residual stream: a few hundred floats, no barrier to share it */
@@ -1095,7 +1523,11 @@ int ec_decode(const ec_model *m, ec_state *st, int token, int position, float *l
             prepare_input(&l->qkv, h, s);
             linear_team(&l->qkv, h, s, st->threads, st->qkv);
             EC_PHASE(EC_PHASE_LINEAR);
-            {
+            if (sparse) {
+#pragma omp for schedule(static)
+                for (int g = 0; g < m->kv_heads; g++) store_kv(m, l, g, position, st->qkv);
+                sparse_attention(m, l, st->sparse, &st->attention, st->qkv, 0, position, 1, compressed, own->scores, h, 0);
+            } else {
                 ec_attention *at = &st->attention;
                 const int splits = attention_splits(m, position);
 #pragma omp for schedule(dynamic, 1)
@@ -1133,6 +1565,7 @@ int ec_decode(const ec_model *m, ec_state *st, int token, int position, float *l
         linear_team(&m->head, h, s, st->threads, logits);
         EC_PHASE(EC_PHASE_HEAD);
     }
+    if (sparse) st->sparse->summarized = position + 1;
     return 0;
 }
 
@@ -1156,6 +1589,7 @@ int ec_prefill(const ec_model *m, ec_state *st, const int32_t *tokens, int count
         if (tokens[i] < 0 || tokens[i] >= m->vocab) return 2;
     if (!ec_can_prefill(m)) return 3;
     const int H = m->hidden, I = m->intermediate, Q = (m->heads + 2 * m->kv_heads) * m->head_dim;
+    const int sparse = sparse_call(m, position + count);
     const size_t wide = widest_input(m);
     for (int start = 0; start < count; start += EC_TILE) {
         const int n = count - start < EC_TILE ? count - start : EC_TILE, first = position + start;
@@ -1173,24 +1607,11 @@ int ec_prefill(const ec_model *m, ec_state *st, const int32_t *tokens, int count
 #pragma omp for schedule(static)
                 for (int item = 0; item < n * m->kv_heads; item++)
                     store_kv(m, l, item % m->kv_heads, first + item / m->kv_heads, st->qkv + (size_t)(item / m->kv_heads) * Q);
-                /* Each token split as its decode step would be, so a prompt leaves the cache and logits that
-                 * decoding it token by token does, bit for bit. An item is one (KV group, range index) for every
-                 * token of the pass: the tokens' ranges nearly coincide, so the keys and values one token reads
-                 * are in cache for the next (long prompts would otherwise read the whole prefix once per token). */
-                const int most_splits = attention_splits(m, first + n - 1);
-#pragma omp for schedule(dynamic, 1)
-                for (int item = 0; item < m->kv_heads * most_splits; item++)
-                    for (int t = 0; t < n; t++) {
-                        const int splits = attention_splits(m, first + t);
-                        if (item % most_splits >= splits) continue;
-                        const ec_attention at = token_attention(m, &st->attention, t);
-                        attend_range(m, l, item / most_splits, item % most_splits, splits, first + t, st->qkv + (size_t)t * Q,
-                                     &at, own->scores, 0);
-                    }
-                for (int t = 0; t < n; t++) {
-                    const ec_attention at = token_attention(m, &st->attention, t);
-                    combine_attention(m, &at, attention_splits(m, first + t), h + t * wide);
-                }
+                if (sparse)
+                    sparse_attention(m, l, st->sparse, &st->attention, st->qkv, Q, first, n,
+                                     start ? first : st->sparse->summarized, own->scores, h, wide);
+                else
+                    dense_prefill_attention(m, l, &st->attention, st->qkv, Q, first, n, own->scores, h, wide);
                 quantize_tokens(&l->o, h, wide, n, s);
                 linear_team_tokens(&l->o, s, n, st->threads, st->branch, H);
                 for (int t = 0; t < n; t++) {
@@ -1222,5 +1643,6 @@ int ec_prefill(const ec_model *m, ec_state *st, const int32_t *tokens, int count
             }
         }
     }
+    if (sparse) st->sparse->summarized = position + count;
     return 0;
 }

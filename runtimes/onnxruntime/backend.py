@@ -132,7 +132,7 @@ class OnnxRuntimeBackend:
         self.vocab_size = int(manifest.architecture["vocab_size"])
         self.kv = kv or HostKV(manifest, path=model_path)
         self.cache = KV_CACHES[self.kv.mode](self.kv)
-        self.kernels = {"prefill": "onnxruntime", "decode": "onnxruntime", "native_unavailable": None}
+        self.kernels = {"prefill": "onnxruntime", "decode": "onnxruntime", "native_unavailable": None, "attention": "dense"}
         self._logits = np.zeros((1, self.vocab_size), np.float32)
         # Float weights the kernels read in place are onnxruntime's initializers too, unpacked: the process holds
         # them once (SmolLM2 fp32: 1113 -> ~600 MB resident) for a ~15% slower prefill (MLAS packs per call).

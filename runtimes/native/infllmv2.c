@@ -1,0 +1,279 @@
+/* InfLLM v2 block-sparse attention (spec §6; the variant of edgecpm/sparse/infllmv2.py, the numpy reference whose
+ * docstring records every choice the spec leaves open). Included by kernels.c after its attention helpers.
+ *
+ * Per layer and KV head the state is the compressed keys Kc1 (kernel_size/kernel_stride, 32/16) and Kc2 (four
+ * times both), kept in buffers the runtime allocates at max context; kernel j is the mean of keys [j*s, j*s + l),
+ * summed token by token in order as the reference does. The key history itself is the tail buffer: kernels are
+ * emitted from the cache as the tokens completing them are stored, so nothing else is kept.
+ *
+ * A step reads, per KV head: Kc1 and Kc2 (stage 1: block scores, max-pooled to blocks), then only the selected
+ * blocks' keys and values (stage 2), split into ranges over the threads as dense decode splits the whole history.
+ * A prompt token selects and splits exactly as its decode step would, so a prompt leaves the logits and cache
+ * that decoding it token by token does, bit for bit. */
+
+typedef struct {
+    int32_t *blocks; /* [EC_TILE, kv_heads, num_blocks]: each token's selected blocks per KV head, ascending */
+    int32_t *counts; /* [EC_TILE, kv_heads] */
+    int32_t *tokens; /* [EC_TILE, kv_heads]: positions the selection covers (<= the token) */
+    float *scratch;  /* per thread: stage-1 logits, the group's kernel scores, pooled block scores */
+    int32_t *order;  /* per thread: block indices being ranked */
+    size_t scratch_floats;
+    int num_blocks;
+    int summarized;  /* tokens whose completed kernels are in Kc1/Kc2 (every layer alike) */
+    int call_length; /* ec_call_length */
+} ec_sparse_state;
+
+static int kernel_count(int length, int size, int stride) { return length < size ? 0 : (length - size) / stride + 1; }
+static int max_kernels(const ec_model *m, int size, int stride) { return kernel_count(m->max_context, size, stride); }
+
+/* Whether a call whose tokens end at total length `length` runs sparse (spec §6.2: the whole call, when its total
+ * length reaches dense_len). */
+static int sparse_call(const ec_model *m, int length) {
+    return m->sparse.enabled && (m->sparse.dense_len < 0 || length >= m->sparse.dense_len);
+}
+
+static const float *selection_keys(const ec_model *m, const ec_layer *l) { return m->sparse.use_nope ? l->k_nope : l->k_cache; }
+
+/* Emits head g's kernels of one level completed by the tokens [from, length): means over the cached keys. */
+static void compress_level(const ec_model *m, const float *keys, float *out, int max, int size, int stride, int from,
+                           int length) {
+    const int d = m->head_dim;
+    for (int j = kernel_count(from, size, stride); j < kernel_count(length, size, stride) && j < max; j++) {
+        float *kc = out + (size_t)j * d;
+        const float *first = keys + (size_t)j * stride * d;
+        memcpy(kc, first, sizeof(float) * d);
+        for (int o = 1; o < size; o++)
+            for (int i = 0; i < d; i++) kc[i] += first[(size_t)o * d + i];
+        for (int i = 0; i < d; i++) kc[i] /= (float)size;
+    }
+}
+
+static void compress_head(const ec_model *m, const ec_layer *l, int g, int from, int length) {
+    const ec_sparse *sp = &m->sparse;
+    const float *keys = selection_keys(m, l) + (size_t)g * m->max_context * m->head_dim;
+    const int max1 = max_kernels(m, sp->kernel_size, sp->kernel_stride);
+    const int max2 = max_kernels(m, 4 * sp->kernel_size, 4 * sp->kernel_stride);
+    compress_level(m, keys, l->kc1 + (size_t)g * max1 * m->head_dim, max1, sp->kernel_size, sp->kernel_stride, from, length);
+    compress_level(m, keys, l->kc2 + (size_t)g * max2 * m->head_dim, max2, 4 * sp->kernel_size, 4 * sp->kernel_stride, from,
+                   length);
+}
+
+static float log_sum_exp(float *scores, int count) {
+    float top = -INFINITY;
+    for (int j = 0; j < count; j++) top = scores[j] > top ? scores[j] : top;
+    return top + logf(exp_shifted(scores, count, top));
+}
+
+static const float *ranked_scores; /* qsort has no context argument; set per call under the thread's own order */
+#ifdef _OPENMP
+#pragma omp threadprivate(ranked_scores)
+#endif
+/* higher score first, equal scores by lower block index */
+static int by_score(const void *a, const void *b) {
+    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    if (ranked_scores[x] != ranked_scores[y]) return ranked_scores[x] > ranked_scores[y] ? -1 : 1;
+    return x < y ? -1 : x > y;
+}
+
+/* Stage 1, pooling and selection for the query token at `position` (its q, k, v row `qkv`) and KV head g: writes
+ * the selected blocks ascending to `out` and returns how many. */
+static int select_blocks(const ec_model *m, const ec_layer *l, const ec_sparse_state *ss, int g, int position,
+                         const float *qkv, float *scratch, int32_t *order, int32_t *out) {
+    const ec_sparse *sp = &m->sparse;
+    const int d = m->head_dim, group = m->heads / m->kv_heads, length = position + 1;
+    const int n1 = kernel_count(length, sp->kernel_size, sp->kernel_stride);
+    const int n2 = kernel_count(length, 4 * sp->kernel_size, 4 * sp->kernel_stride);
+    const int max1 = max_kernels(m, sp->kernel_size, sp->kernel_stride);
+    const int max2 = max_kernels(m, 4 * sp->kernel_size, 4 * sp->kernel_stride);
+    const int q_block = position / sp->block_size, ratio = sp->block_size / sp->kernel_stride;
+    float *logits = scratch, *coarse = logits + max1, *shared = coarse + max2, *pooled = shared + max1;
+    const float *kc1 = l->kc1 + (size_t)g * max1 * d, *kc2 = l->kc2 + (size_t)g * max2 * d;
+    for (int j = 0; j < n1; j++) shared[j] = 0.f;
+    for (int head = g * group; n1 && head < (g + 1) * group; head++) {
+        float q[512];
+        memcpy(q, qkv + head * d, sizeof(float) * d);
+        if (!sp->use_nope) rotate(q, m->rope_cos + (size_t)position * (m->rotary_dim / 2),
+                                  m->rope_sin + (size_t)position * (m->rotary_dim / 2), m->rotary_dim);
+        key_scores(q, kc1, n1, d, m->attention_scale, logits);
+        float lse;
+        if (sp->exact_lse || n2 == 0) { /* no coarse kernel visible yet: the exact normalizer */
+            memcpy(coarse, logits, sizeof(float) * n1);
+            lse = log_sum_exp(coarse, n1);
+        } else {
+            key_scores(q, kc2, n2, d, m->attention_scale, coarse);
+            lse = log_sum_exp(coarse, n2);
+        }
+        for (int j = 0; j < n1; j++) shared[j] += expf(logits[j] - lse);
+    }
+    /* max over the kernels overlapping each block: [b*ratio - 1, b*ratio + ratio - 1] */
+    for (int b = 0; b <= q_block; b++) {
+        float best = -INFINITY;
+        for (int j = b * ratio - 1; j <= b * ratio + ratio - 1; j++)
+            if (j >= 0 && j < n1 && shared[j] > best) best = shared[j];
+        pooled[b] = best;
+    }
+    /* forced (init and local) blocks first, then the best scored up to the budget */
+    int count = 0, ranked = 0;
+    for (int b = 0; b <= q_block; b++) {
+        if (b < sp->init_blocks || b >= q_block - sp->local_blocks) out[count++] = b;
+        else order[ranked++] = b;
+    }
+    const int budget = sp->topk + sp->local_blocks;
+    int take = budget - count;
+    if (take > ranked) take = ranked;
+    if (take > 0) {
+        if (take < ranked) {
+            ranked_scores = pooled;
+            qsort(order, (size_t)ranked, sizeof(int32_t), by_score);
+        }
+        for (int i = 0; i < take; i++) out[count++] = order[i];
+        /* ascending: forced blocks are ascending among themselves, as are the chosen ones once sorted */
+        for (int i = 1; i < count; i++)
+            for (int k = i; k > 0 && out[k - 1] > out[k]; k--) {
+                const int32_t t = out[k]; out[k] = out[k - 1]; out[k - 1] = t;
+            }
+    }
+    (void)ss;
+    return count;
+}
+
+/* Positions the selection covers: every selected block up to the token (the current block is causal). */
+static int selected_tokens(const ec_model *m, const int32_t *blocks, int count, int position) {
+    int total = 0;
+    for (int i = 0; i < count; i++) {
+        const int begin = blocks[i] * m->sparse.block_size, end = begin + m->sparse.block_size;
+        total += (end <= position + 1 ? end : position + 1) - begin;
+    }
+    return total;
+}
+
+/* attend_range over the selected positions: range `split` of `splits` of the `covered` selected positions, read
+ * block run by block run (adjacent selected blocks are contiguous in the cache). */
+static void sparse_attend_range(const ec_model *m, const ec_layer *l, int g, int split, int splits, int position,
+                                const float *qkv, const ec_attention *at, float *scores, const int32_t *blocks, int count,
+                                int covered) {
+    const int d = m->head_dim, group = m->heads / m->kv_heads, B = m->sparse.block_size;
+    const int begin = (int)((long)covered * split / splits), end = (int)((long)covered * (split + 1) / splits);
+    const float *cos = m->rope_cos + (size_t)position * (m->rotary_dim / 2);
+    const float *sin = m->rope_sin + (size_t)position * (m->rotary_dim / 2);
+    const float *keys = l->k_cache + (size_t)g * m->max_context * d, *values = l->v_cache + (size_t)g * m->max_context * d;
+    for (int head = g * group; head < (g + 1) * group; head++) {
+        float q[512];
+        memcpy(q, qkv + head * d, sizeof(float) * d);
+        rotate(q, cos, sin, m->rotary_dim);
+        const size_t slot = (size_t)split * m->heads + head;
+        float *out = at->values + slot * d;
+        memset(out, 0, sizeof(float) * d);
+        /* the runs of consecutive positions inside [begin, end) of the selected sequence */
+        int seen = 0, filled = 0;
+        for (int i = 0; i < count && seen < end; i++) {
+            int first = blocks[i] * B, last = first + B < position + 1 ? first + B : position + 1;
+            while (i + 1 < count && blocks[i + 1] * B == last && last < position + 1) { /* extend over adjacent blocks */
+                i++;
+                last = blocks[i] * B + B < position + 1 ? blocks[i] * B + B : position + 1;
+            }
+            const int run = last - first, lo = begin > seen ? begin - seen : 0, hi = end - seen < run ? end - seen : run;
+            if (hi > lo) {
+                key_scores(q, keys + (size_t)(first + lo) * d, hi - lo, d, m->attention_scale, scores + filled);
+                filled += hi - lo;
+            }
+            seen += run;
+        }
+        float top = -INFINITY;
+        for (int t = 0; t < filled; t++) top = scores[t] > top ? scores[t] : top;
+        at->top[slot] = top;
+        at->total[slot] = filled ? exp_shifted(scores, filled, top) : 0.f;
+        /* values in the same runs, weighted by the exponentials just computed */
+        seen = 0, filled = 0;
+        for (int i = 0; i < count && seen < end; i++) {
+            int first = blocks[i] * B, last = first + B < position + 1 ? first + B : position + 1;
+            while (i + 1 < count && blocks[i + 1] * B == last && last < position + 1) {
+                i++;
+                last = blocks[i] * B + B < position + 1 ? blocks[i] * B + B : position + 1;
+            }
+            const int run = last - first, lo = begin > seen ? begin - seen : 0, hi = end - seen < run ? end - seen : run;
+            if (hi > lo) {
+                weighted_values(scores + filled, values + (size_t)(first + lo) * d, hi - lo, d, out);
+                filled += hi - lo;
+            }
+            seen += run;
+        }
+    }
+}
+
+static int32_t *token_blocks(const ec_model *m, const ec_sparse_state *ss, int t, int g) {
+    return ss->blocks + ((size_t)t * m->kv_heads + g) * ss->num_blocks;
+}
+
+/* One split for every KV head of a token: from the most positions any head covers, as dense decode splits its
+ * history (a head covering fewer positions has empty ranges, which combine_attention weighs 0). */
+static int sparse_splits(const ec_model *m, const ec_sparse_state *ss, int t) {
+    int most = 1;
+    for (int g = 0; g < m->kv_heads; g++)
+        if (ss->tokens[t * m->kv_heads + g] > most) most = ss->tokens[t * m->kv_heads + g];
+    return attention_splits(m, most - 1);
+}
+
+/* Within the team's parallel region: the sparse attention of `n` tokens at positions [first, first + n) of layer
+ * l, whose keys and values are stored; `from`: the tokens already compressed. Leaves each token's attention in
+ * `out` rows of `stride` floats. */
+static void sparse_attention(const ec_model *m, const ec_layer *l, ec_sparse_state *ss, const ec_attention *buffers,
+                             const float *qkv, size_t qkv_stride, int first, int n, int from, float *scores, float *out,
+                             size_t stride) {
+    const int thread = omp_get_thread_num();
+    float *scratch = ss->scratch + (size_t)thread * ss->scratch_floats;
+    int32_t *order = ss->order + (size_t)thread * ss->num_blocks;
+#pragma omp for schedule(static)
+    for (int g = 0; g < m->kv_heads; g++) compress_head(m, l, g, from, first + n);
+#pragma omp for schedule(dynamic, 1)
+    for (int item = 0; item < n * m->kv_heads; item++) {
+        const int t = item / m->kv_heads, g = item % m->kv_heads;
+        int32_t *blocks = token_blocks(m, ss, t, g);
+        const int count = select_blocks(m, l, ss, g, first + t, qkv + (size_t)t * qkv_stride, scratch, order, blocks);
+        ss->counts[item] = count;
+        ss->tokens[item] = selected_tokens(m, blocks, count, first + t);
+    }
+    int most_splits = 1;
+    for (int t = 0; t < n; t++) {
+        const int splits = sparse_splits(m, ss, t);
+        most_splits = splits > most_splits ? splits : most_splits;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int item = 0; item < m->kv_heads * most_splits; item++)
+        for (int t = 0; t < n; t++) {
+            const int splits = sparse_splits(m, ss, t), g = item / most_splits;
+            if (item % most_splits >= splits) continue;
+            const ec_attention at = token_attention(m, buffers, t);
+            sparse_attend_range(m, l, g, item % most_splits, splits, first + t, qkv + (size_t)t * qkv_stride, &at, scores,
+                                token_blocks(m, ss, t, g), ss->counts[t * m->kv_heads + g], ss->tokens[t * m->kv_heads + g]);
+        }
+    for (int t = 0; t < n; t++) {
+        const ec_attention at = token_attention(m, buffers, t);
+        combine_attention(m, &at, sparse_splits(m, ss, t), out + t * stride);
+    }
+}
+
+static void sparse_state_free(ec_sparse_state *ss) {
+    if (!ss) return;
+    free(ss->blocks); free(ss->counts); free(ss->tokens); free(ss->scratch); free(ss->order);
+    free(ss);
+}
+
+static ec_sparse_state *sparse_state_new(const ec_model *m) {
+    ec_sparse_state *ss = calloc(1, sizeof(ec_sparse_state));
+    if (!ss) return NULL;
+    const ec_sparse *sp = &m->sparse;
+    ss->num_blocks = (m->max_context + sp->block_size - 1) / sp->block_size;
+    ss->scratch_floats = 2 * (size_t)max_kernels(m, sp->kernel_size, sp->kernel_stride) +
+                         max_kernels(m, 4 * sp->kernel_size, 4 * sp->kernel_stride) + ss->num_blocks + 16;
+    ss->blocks = malloc(sizeof(int32_t) * EC_TILE * m->kv_heads * ss->num_blocks);
+    ss->counts = malloc(sizeof(int32_t) * EC_TILE * m->kv_heads);
+    ss->tokens = malloc(sizeof(int32_t) * EC_TILE * m->kv_heads);
+    ss->scratch = malloc(sizeof(float) * ss->scratch_floats * m->threads);
+    ss->order = malloc(sizeof(int32_t) * ss->num_blocks * m->threads);
+    if (!ss->blocks || !ss->counts || !ss->tokens || !ss->scratch || !ss->order) {
+        sparse_state_free(ss);
+        return NULL;
+    }
+    return ss;
+}

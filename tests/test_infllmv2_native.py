@@ -1,0 +1,184 @@
+"""InfLLM v2 sparse attention on the native kernels (runtimes/native/infllmv2.c) against the reference.
+
+The reference is the PyTorch model with the numpy InfLLM v2 attention (edgecpm.sparse, itself tested against a
+loop-by-loop transcription of spec §6 in test_infllmv2_reference.py) making the same calls: an fp32 bundle's
+kernels compute the same float math, so logits agree to FP32_ATOL, while sparse attention moves them far more
+than that from dense (the configs are small enough that a tiny prompt has many blocks to choose from).
+Quantized bundles: a prompt prefilled in passes equals the same tokens decoded one by one, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgecpm.arch.base import SparseAttentionConfig
+from edgecpm.checkpoint import open_checkpoint
+from edgecpm.errors import BundleError, UnsupportedError
+from edgecpm.export import export_checkpoint
+from edgecpm.models import reference_model
+from edgecpm.quant.spec import QuantSpec
+from edgecpm.runtimes import load_backend
+from edgecpm.sparse.choice import AttentionChoice, parse_overrides
+from test_native_decode import needs_kernels
+from tiny_models import write_hf_checkpoint
+
+FP32_ATOL = 2e-4
+MAX_CONTEXT = 256  # the tiny models' max_position_embeddings
+# 16-token blocks, kernels of 8 at stride 4 (Kc2: 32 at 16), 1 init + 2 local + 3 chosen blocks
+SMALL = SparseAttentionConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=3,
+                              dense_len=-1)
+CONFIGS = {
+    "always": SMALL,
+    "crossing": replace(SMALL, dense_len=150),
+    "nope": replace(SMALL, use_nope=True, init_blocks=2),
+    "wide-kernels": replace(SMALL, kernel_size=16, kernel_stride=16, block_size=32, window_size=32, topk=2),
+}
+RNG = np.random.default_rng(3)
+PROMPT = RNG.integers(5, 260, 240)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("infllmv2_native")
+    checkpoint = write_hf_checkpoint(root / "checkpoint", ("minicpm", "untied"))
+    bundles = {scheme: export_checkpoint(checkpoint, root / scheme, flavour="ort", dtype="fp32", max_context=MAX_CONTEXT,
+                                         quant=None if scheme == "fp32" else QuantSpec(scheme))
+               for scheme in ("fp32", "int8")}
+    return {"checkpoint": checkpoint, **bundles}
+
+
+def backend(bundle: Path, sparse: SparseAttentionConfig | None):
+    choice = AttentionChoice("dense") if sparse is None else AttentionChoice("sparse", _fields(sparse))
+    return load_backend(bundle, kernels="native", threads=2, attention=choice)
+
+
+def _fields(config: SparseAttentionConfig) -> dict:
+    return {name: getattr(config, name) for name in config.__dataclass_fields__}
+
+
+def reference_logits(checkpoint: Path, sparse, calls: list[np.ndarray]) -> list[np.ndarray]:
+    model = reference_model(open_checkpoint(checkpoint)).use_sparse_attention(sparse)
+    cache = model.new_cache()
+    with torch.no_grad():
+        return [model(torch.tensor(ids[None], dtype=torch.long), cache)[0, -1].numpy() for ids in calls]
+
+
+def native_logits(bundle: Path, sparse, calls: list[np.ndarray]) -> list[np.ndarray]:
+    native = backend(bundle, sparse)
+    assert native.kernels["attention"] == ("dense" if sparse is None else "sparse")
+    return [native.prefill(ids) if len(ids) > 1 else native.decode(int(ids[0])) for ids in calls]
+
+
+def _calls(prompt_length: int, steps: int) -> list[np.ndarray]:
+    """A prompt, then single-token decode steps (the crossing config crosses dense_len while decoding)."""
+    return [PROMPT[:prompt_length], *(PROMPT[prompt_length + i:prompt_length + i + 1] for i in range(steps))]
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_native_sparse_matches_the_reference(tiny, name):
+    sparse, calls = CONFIGS[name], _calls(140, 20)
+    expected = reference_logits(tiny["checkpoint"], sparse, calls)
+    got = native_logits(tiny["fp32"], sparse, calls)
+    dense = reference_logits(tiny["checkpoint"], None, calls)
+    for step, (e, g, d) in enumerate(zip(expected, got, dense)):
+        assert np.abs(e - g).max() <= FP32_ATOL, f"step {step}"
+    # sparse attention changes the answer well beyond the tolerance once it is on (dense below dense_len)
+    moved = [np.abs(e - d).max() for e, d in zip(expected, dense)]
+    assert max(moved) > 50 * FP32_ATOL
+    if sparse.dense_len > 0:
+        first_sparse = sparse.dense_len - 140  # the decode step whose total length reaches dense_len
+        assert max(moved[:first_sparse]) < 1e-5 < min(moved[first_sparse:])  # the reference's dense path: float noise
+
+
+@needs_kernels
+def test_a_prompt_crossing_dense_len_is_sparse_as_one_call(tiny):
+    """Spec §6.2: a prefill whose total length reaches dense_len runs sparse for every query (later code's
+    max(position_ids) + 1), also in the fp32 bundle's decode-step prompts."""
+    sparse, calls = CONFIGS["crossing"], [PROMPT[:200]]
+    expected = reference_logits(tiny["checkpoint"], sparse, calls)
+    assert np.abs(native_logits(tiny["fp32"], sparse, calls)[0] - expected[0]).max() <= FP32_ATOL
+    dense = reference_logits(tiny["checkpoint"], None, calls)
+    assert np.abs(expected[0] - dense[0]).max() > 50 * FP32_ATOL
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["always", "nope", "wide-kernels"])
+def test_native_sparse_prefill_equals_decoding_token_by_token(tiny, name):
+    sparse = CONFIGS[name]
+    whole = backend(tiny["int8"], sparse)
+    assert whole.prefills
+    logits = whole.prefill(PROMPT[:200])
+    stepped = backend(tiny["int8"], sparse)
+    for token in PROMPT[:200]:
+        step_logits = stepped.decode(int(token))
+    assert np.array_equal(logits, step_logits)
+    for a, b in zip(whole.kv.arrays, stepped.kv.arrays):
+        assert np.array_equal(a[..., :200, :], b[..., :200, :])
+
+
+@needs_kernels
+def test_sparse_state_follows_prefix_reuse(tiny):
+    """Cutting the cache back (chat turns reusing a prefix) drops the compressed keys past the cut: a continuation
+    after a cut equals the same tokens run fresh."""
+    sparse = CONFIGS["always"]
+    reused = backend(tiny["int8"], sparse)
+    reused.prefill(PROMPT[:220])
+    reused.truncate(90)
+    other = RNG.integers(5, 260, 120)
+    after_cut = reused.prefill(other)
+    fresh = backend(tiny["int8"], sparse)
+    fresh.prefill(PROMPT[:90])
+    assert np.array_equal(after_cut, fresh.prefill(other))
+    reused.reset()
+    assert np.array_equal(reused.prefill(PROMPT[:50]), backend(tiny["int8"], sparse).prefill(PROMPT[:50]))
+
+
+@needs_kernels
+def test_attention_choice_reaches_the_backend(tiny):
+    bundle = tiny["int8"]
+    assert load_backend(bundle, kernels="native").kernels["attention"] == "dense"  # a dense model, auto
+    auto_with_fields = AttentionChoice("auto", {"dense_len": 64})  # fields on a dense model: sparse with defaults
+    assert load_backend(bundle, kernels="native", attention=auto_with_fields).kernels["attention"] == "sparse"
+    # the bundle's context never reaches dense_len: sparse would be dense attention, run as such anywhere
+    far = AttentionChoice("sparse", {"dense_len": MAX_CONTEXT + 1})
+    assert load_backend(bundle, kernels="onnxruntime", attention=far).kernels["attention"] == "dense"
+    with pytest.raises(BundleError, match="sparse attention runs on the native kernels, not onnxruntime"):
+        load_backend(bundle, kernels="onnxruntime", attention=AttentionChoice("sparse", {"dense_len": 64}))
+
+
+def test_attention_choice_is_validated(tmp_path):
+    with pytest.raises(UnsupportedError, match="unknown attention"):
+        AttentionChoice("sparse-ish").validate()
+    with pytest.raises(UnsupportedError, match="--sparse-config: topk_k: unknown sparse_config field"):
+        AttentionChoice("sparse", {"topk_k": 3}).validate()
+    with pytest.raises(UnsupportedError, match="multiple of kernel_stride"):
+        AttentionChoice("sparse", {"block_size": 50}).resolve(None)
+    with pytest.raises(Exception, match="--sparse-config: dense_len"):
+        AttentionChoice("sparse", {"dense_len": "long"}).resolve(None)
+    assert AttentionChoice("dense").resolve(SMALL) is None
+    assert AttentionChoice("auto").resolve(None) is None and AttentionChoice("auto").resolve(SMALL) == SMALL
+    assert AttentionChoice("sparse").resolve(None) == SparseAttentionConfig()
+    assert AttentionChoice("sparse", {"topk": 5}).resolve(SMALL) == replace(SMALL, topk=5)
+    config = tmp_path / "config.json"
+    config.write_text('{"sparse_config": {"dense_len": 1024, "use_nope": true}, "hidden_size": 8}')
+    assert parse_overrides([str(config), "topk=8"]) == {"dense_len": 1024, "use_nope": True, "topk": 8}
+    with pytest.raises(Exception, match="--sparse-config: topk: value"):
+        parse_overrides(["topk=many"])
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["always", "nope"])
+def test_planner_counts_the_sparse_state_the_kernels_allocate(tiny, name):
+    from edgecpm.planner import plan_memory, Storage
+
+    config = open_checkpoint(tiny["checkpoint"]).config
+    native = backend(tiny["int8"], CONFIGS[name])
+    plan = plan_memory(config, Storage("fp32", None), sparse=CONFIGS[name])
+    assert plan.sparse_bytes(MAX_CONTEXT) == native.decoder.sparse_bytes > 0
+    assert plan.total_bytes(MAX_CONTEXT) - plan_memory(config, Storage("fp32", None)).total_bytes(MAX_CONTEXT) == plan.sparse_bytes(MAX_CONTEXT)
