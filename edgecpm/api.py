@@ -45,8 +45,8 @@ def load(path: str | Path, *, threads: int | None = None, kernels: str | None = 
          sparse_config: Mapping[str, Any] | None = None) -> Engine:
     """Reads a bundle's manifest, tokenizer and chat template; the runtime session starts on first use.
 
-    `kernels`: who runs the bundle, "auto" (default, or $EDGECPM_KERNELS), "tensorrt", "native" or "onnxruntime"
-    (chosen in one place: edgecpm.runtimes.select). `attention`: "auto" (default: the bundle's recorded choice),
+    `kernels`: who runs the bundle, "auto" (default, or $EDGECPM_KERNELS), "tensorrt", "native", "native-exact" (float
+    activations instead of int8 ones) or "onnxruntime" (chosen in one place: edgecpm.runtimes.select). `attention`: "auto" (default: the bundle's recorded choice),
     "dense" or "sparse" (InfLLM v2, on the native kernels); `sparse_config`: sparse_config fields to set or override,
     e.g. {"dense_len": 1024} (edgecpm.sparse.choice)."""
     from edgecpm.chat_template import ChatTemplate

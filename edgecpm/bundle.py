@@ -20,6 +20,7 @@ from typing import Any
 from edgecpm.arch.base import SparseAttentionConfig
 from edgecpm.errors import BundleError
 
+GRAPH_ATTENTION = ("dense", "sparse")  # how the bundle's graph attends (Manifest.graph_attention)
 SCHEMA_VERSION = 2  # 2: typed data_files/tensors/graph_io/device/engines fields instead of version 1's `extra` dict
 MANIFEST_NAME = "edgecpm.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -61,6 +62,7 @@ class EngineRecord:
     shape_profiles: dict[str, dict[str, list[list[int]]]]  # optimization profile -> input -> [min, opt, max] shapes
     timing_cache: str | None = None
     built_with: str = ""           # edgecpm version
+    plugins: list[str] = field(default_factory=list)  # plugin libraries (relative to the bundle) to load before it runs
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -97,6 +99,9 @@ class Manifest:
     toolchain: dict[str, str] = field(default_factory=dict)
     # InfLLM v2 sparse attention the bundle runs by default (its own dense_len: dense below it); None: dense
     sparse_attention: SparseAttentionConfig | None = None
+    # How the graph itself attends: "sparse" = one ai.edgecpm.InfLLMv2Attention node per layer running
+    # `sparse_attention` (lowered to standard ops), so onnxruntime and TensorRT run it sparse; "dense" otherwise.
+    graph_attention: str = "dense"
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +148,13 @@ class Manifest:
                               field="engines" if "engines" in str(exc) else "device") from None
         if values.get("sparse_attention") is not None:
             values["sparse_attention"] = _sparse_record(values["sparse_attention"], path)
+        graph_attention = values.get("graph_attention", "dense")
+        if graph_attention not in GRAPH_ATTENTION:
+            raise BundleError(f"graph_attention {graph_attention!r} is not one of {', '.join(GRAPH_ATTENTION)}", path=path,
+                              field="graph_attention")
+        if graph_attention == "sparse" and values.get("sparse_attention") is None:
+            raise BundleError("a sparse graph needs its sparse_attention record; re-export the bundle", path=path,
+                              field="sparse_attention")
         return cls(**values)
 
 
@@ -178,7 +190,7 @@ def bundle_files(manifest: Manifest) -> list[str]:
     template = manifest.tokenizer.get("chat_template_file") if isinstance(manifest.tokenizer, dict) else None
     if template:
         files.append(template)
-    return files + [engine.file for engine in manifest.engines]
+    return files + [name for engine in manifest.engines for name in (engine.file, *engine.plugins)]
 
 
 @contextlib.contextmanager

@@ -184,6 +184,7 @@ def export_checkpoint(source: str | Path | Checkpoint, out_dir: str | Path, *, d
             model_bytes=_model_bytes(staging),
             device=plan.device,
             sparse_attention=plan.attention,
+            graph_attention=graph_io.attention,
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         quality = None

@@ -18,7 +18,7 @@ from edgecpm.bundle import DeviceRecord
 from edgecpm.errors import UnsupportedError
 from edgecpm.planner import MemoryPlan, Storage, check_fits, plan_memory
 from edgecpm.quant.spec import AUTO_SCHEME, QuantSpec
-from edgecpm.sparse.choice import AttentionChoice
+from edgecpm.sparse.choice import AttentionChoice, reaches_sparse
 
 if TYPE_CHECKING:
     from edgecpm.checkpoint import Checkpoint
@@ -129,8 +129,11 @@ def plan_export(checkpoint: Checkpoint, *, device: str | Path | DeviceProfile | 
     check_fits(config, memory, requested_context=max_context, profile=profile,
                model_name=Path(str(checkpoint.path)).name or "the model")
     check_max_context(checkpoint, context)
+    # The graph attends sparsely where its context can reach dense_len; below it the lowering would only add stage-1
+    # work to attention that is dense anyway.
     options = ExportOptions(flavour=flavour, precision=precision, max_context=context, tied_head=tied_head,
-                            accuracy_level=defaults.accuracy_level if accuracy_level is None else accuracy_level)
+                            accuracy_level=defaults.accuracy_level if accuracy_level is None else accuracy_level,
+                            sparse=sparse if reaches_sparse(sparse, context) else None)
     check_options(options)
     record = None if profile is None else DeviceRecord(profile.name, profile.version, profile.sha256, dict(chosen_by),
                                                        memory.to_dict(context))

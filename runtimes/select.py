@@ -6,6 +6,8 @@
   onnxruntime. Where the kernels decode but do not prefill (fp32 bundles), onnxruntime prefills the same
   KV state over the same memory-mapped weights.
 - "tensorrt", "native", "onnxruntime": that one, or an error saying why it cannot.
+- "native-exact": the native kernels with exact (float) activations in every quantized linear instead of int8 ones:
+  accuracy level 0's arithmetic, slower (docs/QUANTIZATION.md, "Activation precision").
 
 Every backend reports who ran prefill and decode (`backend.kernels`), and why not native where it is not.
 """
@@ -20,12 +22,12 @@ from edgecpm.backend import Backend
 from edgecpm.bundle import Manifest, read_manifest
 from edgecpm.errors import BundleError, GenerationError
 from edgecpm.runtimes.kv import HostKV
-from edgecpm.sparse.choice import AttentionChoice
+from edgecpm.sparse.choice import AttentionChoice, reaches_sparse
 
 if TYPE_CHECKING:
     from edgecpm.arch.base import SparseAttentionConfig
 
-KERNELS = ("auto", "tensorrt", "native", "onnxruntime")
+KERNELS = ("auto", "tensorrt", "native", "native-exact", "onnxruntime")
 
 
 class PromptDecodeSplit:
@@ -65,20 +67,26 @@ def _onnxruntime(bundle: Path, manifest: Manifest, threads, prepack, spin, **sha
 
 
 def _native(bundle: Path, manifest: Manifest, threads, prepack, spin, *, required: bool,
-            sparse: SparseAttentionConfig | None = None) -> tuple[Backend | None, str | None]:
+            sparse: SparseAttentionConfig | None = None, graph_differs: bool = False,
+            exact: bool = False) -> tuple[Backend | None, str | None]:
+    """The native kernels (None and why not, unless `required`). `graph_differs`: the graph attends otherwise than
+    asked (a sparse graph, dense or other sparse fields asked), so onnxruntime may not prefill for the kernels.
+    `exact`: float activations in every quantized linear (`--kernels native-exact`)."""
     from edgecpm.runtimes.native import KernelsUnavailable
     from edgecpm.runtimes.native.backend import NativeBackend
+    from edgecpm.runtimes.native.decoder import EXACT_ALL, EXACT_DEFAULT
 
     try:
-        # sparse attention runs on the kernels alone, even where onnxruntime would decode densely faster
-        native = NativeBackend(bundle, manifest, threads=threads, only_if_faster=not required and sparse is None,
-                               sparse=sparse)
+        # sparse attention (or attention the graph does not compute) runs on the kernels alone, even where onnxruntime
+        # would decode faster
+        native = NativeBackend(bundle, manifest, threads=threads, sparse=sparse, exact=EXACT_ALL if exact else EXACT_DEFAULT,
+                               only_if_faster=not required and sparse is None and not graph_differs)
     except KernelsUnavailable as error:
         if required:
             what = "InfLLM v2 sparse attention runs on the native kernels, which are" if sparse else "native kernels"
             raise BundleError(f"{what} unavailable: {error}", path=bundle) from None
         return None, str(error)
-    if native.prefills or sparse is not None:  # the graph would prefill densely: sparse prompts run as decode steps here
+    if native.prefills or sparse is not None or graph_differs:  # prompts run as decode steps on the kernels
         return native, None
     prompts = _onnxruntime(bundle, manifest, threads, prepack, spin, kv=native.kv,
                            shared_initializers=native.in_place_tensors())
@@ -102,9 +110,12 @@ def _sparse_needed(manifest: Manifest, attention: AttentionChoice | None) -> Spa
     """The sparse config to run, or None where attention is dense: by choice, or because the bundle's context never
     reaches the config's dense_len (below which sparse attention is dense attention, spec §6.2)."""
     sparse = (attention or AttentionChoice()).for_bundle(manifest)
-    if sparse is None or 0 <= sparse.dense_len and manifest.max_context < sparse.dense_len:
-        return None
-    return sparse
+    return sparse if reaches_sparse(sparse, manifest.max_context) else None
+
+
+def _graph_sparse(manifest: Manifest) -> SparseAttentionConfig | None:
+    """The sparse config the bundle's graph itself attends with (None: its graph attends densely)."""
+    return manifest.sparse_attention if manifest.graph_attention == "sparse" else None
 
 
 def load_backend(bundle_dir: str | Path, manifest: Manifest | None = None, *, threads: int | None = None,
@@ -116,25 +127,28 @@ def load_backend(bundle_dir: str | Path, manifest: Manifest | None = None, *, th
     (default: on for the `ort` flavour, off for `standard`). `spin` (onnxruntime's default, and what its peers run
     with) keeps idle intra-op threads spinning between the many small decode ops; pass False where other busy
     processes share the cores. `attention` (edgecpm.sparse.choice): dense or InfLLM v2 sparse, by default the bundle's
-    recorded choice. Sparse attention runs on the native kernels only (the graphs attend densely): asked for
-    explicitly, anything else is an error; taken from the bundle, the others run it densely and say so in
-    `backend.kernels["attention"]`.
+    recorded choice. The native kernels run any choice; a graph exported sparse (manifest.graph_attention) runs its
+    own sparse_config on onnxruntime and TensorRT, and only that; a dense graph runs dense attention. What the chosen
+    backend cannot run is an error when asked for explicitly; a sparse choice taken from a bundle with a dense graph
+    runs densely and says so in `backend.kernels["attention"]` (see `_sparse`).
     """
     bundle = Path(bundle_dir)
     manifest = manifest or read_manifest(bundle)
     kernels = kernels or os.environ.get("EDGECPM_KERNELS") or "auto"
     if kernels not in KERNELS:
         raise GenerationError(f"unknown kernels {kernels!r} (choose from {', '.join(KERNELS)})")
-    sparse = _sparse_needed(manifest, attention)
-    if sparse is not None:
-        return _sparse(bundle, manifest, threads, prepack, spin, kernels, sparse, explicit=bool(attention and attention.explicit))
+    sparse, graph = _sparse_needed(manifest, attention), _graph_sparse(manifest)
+    if sparse is not None or graph is not None:
+        return _sparse(bundle, manifest, threads, prepack, spin, kernels, sparse, graph,
+                       explicit=bool(attention and attention.explicit))
     if kernels in ("auto", "tensorrt") and (manifest.engines or kernels == "tensorrt"):
         backend, _ = _tensorrt(bundle, manifest, required=kernels == "tensorrt")
         if backend is not None:
             return backend
     native_unavailable = "not requested"
-    if kernels in ("auto", "native"):
-        backend, native_unavailable = _native(bundle, manifest, threads, prepack, spin, required=kernels == "native")
+    if kernels in ("auto", "native", "native-exact"):
+        backend, native_unavailable = _native(bundle, manifest, threads, prepack, spin, required=kernels != "auto",
+                                              exact=kernels == "native-exact")
         if backend is not None:
             return backend
     backend = _onnxruntime(bundle, manifest, threads, prepack, spin)
@@ -142,19 +156,40 @@ def load_backend(bundle_dir: str | Path, manifest: Manifest | None = None, *, th
     return backend
 
 
-def _sparse(bundle: Path, manifest: Manifest, threads, prepack, spin, kernels: str, sparse: SparseAttentionConfig, *,
-            explicit: bool) -> Backend:
+def _sparse(bundle: Path, manifest: Manifest, threads, prepack, spin, kernels: str, sparse: SparseAttentionConfig | None,
+            graph: SparseAttentionConfig | None, *, explicit: bool) -> Backend:
+    """Who runs `sparse` (None: dense) on a bundle whose graph attends with `graph` (None: densely), one of them set.
+
+    The native kernels run any choice; the graph (onnxruntime, or a TensorRT engine built from it) only its own. A
+    dense graph asked for sparse attention explicitly is an error elsewhere, and taken from the bundle runs densely;
+    a sparse graph asked for anything else is an error elsewhere (its sparse_config is baked into the graph).
+    """
+    graph_runs_it = sparse == graph
     why_not = f"--kernels {kernels}"
-    if kernels in ("tensorrt", "onnxruntime"):
-        if explicit:
-            raise BundleError(f"InfLLM v2 sparse attention runs on the native kernels, not {kernels} (its graph attends "
-                              "densely): use --kernels native, or --attention dense", path=bundle)
-    else:
-        backend, why_not = _native(bundle, manifest, threads, prepack, spin, required=explicit or kernels == "native",
-                                   sparse=sparse)
+    if graph_runs_it and kernels in ("auto", "tensorrt") and (manifest.engines or kernels == "tensorrt"):
+        backend, why_not = _tensorrt(bundle, manifest, required=kernels == "tensorrt")
+        if backend is not None:  # its kernels["attention"] is the graph's: sparse
+            return backend
+    if kernels in ("auto", "native", "native-exact"):
+        required = kernels != "auto" or (explicit and graph is None)
+        backend, why_not = _native(bundle, manifest, threads, prepack, spin, required=required, sparse=sparse,
+                                   graph_differs=not graph_runs_it, exact=kernels == "native-exact")
         if backend is not None:
             return backend
+    if graph_runs_it and kernels != "tensorrt":
+        backend = _onnxruntime(bundle, manifest, threads, prepack, spin)
+        backend.kernels["attention"] = "sparse"
+        backend.kernels["native_unavailable"] = why_not
+        return backend
+    if graph is not None:
+        asked = "dense attention" if sparse is None else "other sparse_config fields"
+        raise BundleError(f"this bundle's graph attends sparsely with the sparse_config it was exported with; {asked} "
+                          f"need --kernels native (not {kernels}), or a re-export with that --attention/--sparse-config",
+                          path=bundle)
+    if kernels in ("tensorrt", "onnxruntime") and explicit:
+        raise BundleError(f"InfLLM v2 sparse attention runs on the native kernels, not {kernels}, with this bundle's dense "
+                          "graph: use --kernels native, re-export with --attention sparse, or --attention dense", path=bundle)
     dense = load_backend(bundle, manifest, threads=threads, prepack=prepack, spin=spin, kernels=kernels,
                          attention=AttentionChoice("dense"))
-    dense.kernels["attention"] = f"dense (sparse attention needs the native kernels: {why_not})"
+    dense.kernels["attention"] = f"dense (sparse attention needs the native kernels or a sparse graph: {why_not})"
     return dense

@@ -7,7 +7,8 @@ REPO: the checkout whose `edgecpm` (and `runtimes/`, mapped as `edgecpm.runtimes
 is imported; numpy is the only other module needed. The kernels are built by runtimes/native/build.py as on a board,
 with the compiler in $CC and the target in $EDGECPM_NATIVE_TARGET; $EDGECPM_NATIVE_PORTABLE=1 picks the portable build.
 OUT/<bundle name>.npz gets the prefill logits of PROMPT then those of DECODE_STEPS greedy steps ("logits") and the KV
-rows written ("kv"); OUT/isa.txt the kernels' ec_isa(), or the reason they were refused.
+rows written ("kv"), then the same with exact activations in every linear (`--kernels native-exact`: "exact_logits",
+"exact_kv"); OUT/isa.txt the kernels' ec_isa(), or the reason they were refused.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main(repo: Path, out: Path, bundles: list[Path]) -> None:
     from edgecpm.bundle import read_manifest
     from edgecpm.runtimes.native import KernelsUnavailable, load_library
     from edgecpm.runtimes.native.backend import NativeBackend
-    from edgecpm.runtimes.native.decoder import PORTABLE_ENV, PORTABLE_FLAGS
+    from edgecpm.runtimes.native.decoder import EXACT_ALL, PORTABLE_ENV, PORTABLE_FLAGS
     import os
 
     out.mkdir(parents=True, exist_ok=True)
@@ -41,12 +42,15 @@ def main(repo: Path, out: Path, bundles: list[Path]) -> None:
         return
     (out / "isa.txt").write_text(library.ec_isa().decode())
     for bundle in bundles:
-        backend = NativeBackend(bundle, read_manifest(bundle), threads=THREADS)
-        rows = [backend.prefill(PROMPT)]
-        for _ in range(DECODE_STEPS):
-            rows.append(backend.decode(int(rows[-1].argmax())))
-        kv = np.stack([np.array(array[:, :, :backend.position]) for array in backend.kv.arrays])
-        np.savez(out / f"{bundle.name}.npz", logits=np.stack(rows), kv=kv)
+        saved = {}
+        for prefix, exact in (("", frozenset()), ("exact_", EXACT_ALL)):
+            backend = NativeBackend(bundle, read_manifest(bundle), threads=THREADS, exact=exact)
+            rows = [backend.prefill(PROMPT)]
+            for _ in range(DECODE_STEPS):
+                rows.append(backend.decode(int(rows[-1].argmax())))
+            saved[f"{prefix}logits"] = np.stack(rows)
+            saved[f"{prefix}kv"] = np.stack([np.array(array[:, :, :backend.position]) for array in backend.kv.arrays])
+        np.savez(out / f"{bundle.name}.npz", **saved)
 
 
 if __name__ == "__main__":

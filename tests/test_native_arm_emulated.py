@@ -4,7 +4,7 @@ tiny bundles of every quantization (tests/emulated_decode.py). Each ISA level is
 level's -march run on a qemu CPU model that has it (Cortex-A53: NEON only; Cortex-A76: dotprod; max: i8mm).
 
 What is proven: every vectorised level's prefill and decode logits and KV rows equal the portable C build's bit for
-bit; the aarch64 portable build equals the x86 portable build bit for bit and onnxruntime to the usual tolerances; a
+bit, with int8 activations and with exact ones (`--kernels native-exact`); the aarch64 portable build equals the x86 portable build bit for bit and onnxruntime to the usual tolerances; a
 library built for a wider ISA than the CPU's is refused by its HWCAP check instead of running into SIGILL. Emulated
 runs say nothing about speed and are never timed.
 """
@@ -28,6 +28,7 @@ from edgecpm.runtimes import load_backend
 from edgecpm.runtimes.native.build import TARGET_ENV
 from edgecpm.runtimes.native.decoder import PORTABLE_ENV
 from emulated_decode import PROMPT
+from gguf_writer import Q, write_gguf
 from tiny_models import write_hf_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,6 +96,10 @@ def bundles(tmp_path_factory) -> list[Path]:
                 warnings.simplefilter("ignore", QuantizationWarning)  # ternary of dense random weights is lossy on purpose
                 made.append(export_checkpoint(source, root / f"{source.name}-{name}", flavour="ort", max_context=64,
                                               quant=spec, quality_tokens=16))
+    # float zero points (a GGUF Q4_1 file's own blocks, like the embedded SmolLM2's): per-block offsets
+    q4_1 = write_gguf(root / "q4_1.gguf", ("llama", "dense"), qtype=Q.Q4_1).path
+    made.append(export_checkpoint(q4_1, root / "llama-dense-gguf-q4_1", flavour="ort", max_context=64,
+                                  quant=QuantSpec("int4"), quality_tokens=16))
     return made
 
 
@@ -120,10 +125,10 @@ def saved(directory: Path, bundle: Path) -> dict[str, np.ndarray]:
 def test_each_arm_isa_level_equals_the_portable_path_bit_for_bit(emulated, bundles, level):
     """NEON (widening multiplies), SDOT and SMMLA (prompts of 19 tokens: passes of 16 and 3, so token pairs and an odd
     token) leave the portable build's logits and KV rows exactly, for 2-, 4-, 6- and 8-bit streams, zero points,
-    float weights."""
+    float weights; so do the exact-activation kernels (float inputs times codes decoded in the lanes)."""
     for bundle in bundles:
         reference, got = saved(emulated["portable"], bundle), saved(emulated[level], bundle)
-        for name in ("logits", "kv"):
+        for name in ("logits", "kv", "exact_logits", "exact_kv"):
             np.testing.assert_array_equal(got[name], reference[name], err_msg=f"{bundle.name} {name}")
 
 
@@ -132,7 +137,9 @@ def test_arm_portable_path_is_x86s_and_onnxruntimes(emulated, bundles):
     AVX2, no libm in the linears), and what onnxruntime does to the tolerances of tests/test_native_decode.py."""
     for bundle in bundles:
         arm = saved(emulated["portable"], bundle)
-        np.testing.assert_array_equal(arm["logits"], saved(emulated["x86-portable"], bundle)["logits"], err_msg=bundle.name)
+        x86 = saved(emulated["x86-portable"], bundle)
+        for name in ("logits", "exact_logits"):
+            np.testing.assert_array_equal(arm[name], x86[name], err_msg=f"{bundle.name} {name}")
         graph = load_backend(bundle, kernels="onnxruntime", threads=1)
         expected = [graph.prefill(PROMPT)] + [graph.decode(int(row.argmax())) for row in arm["logits"][:-1]]
         error = max(float(np.abs(e - g).max()) for e, g in zip(expected, arm["logits"]))

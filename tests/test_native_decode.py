@@ -65,11 +65,11 @@ def export(source: Path, out: Path, spec: QuantSpec | None) -> Path:
         return export_checkpoint(source, out, flavour="ort", max_context=MAX_CONTEXT, quant=spec, quality_tokens=16)
 
 
-def decode_both(bundle: Path, steps: int = DECODE_STEPS, prompt: np.ndarray = PROMPT,
-                threads: int = 2) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def decode_both(bundle: Path, steps: int = DECODE_STEPS, prompt: np.ndarray = PROMPT, threads: int = 2,
+                kernels: str = "native") -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(onnxruntime, native) decode logits for the same tokens (onnxruntime's greedy choices)."""
     graph = load_backend(bundle, kernels="onnxruntime", threads=1)
-    native = load_backend(bundle, kernels="native", threads=threads)
+    native = load_backend(bundle, kernels=kernels, threads=threads)
     assert kernel_decoder(native) is not None and kernel_decoder(graph) is None
     tokens = [int(graph.prefill(prompt).argmax())]
     native.prefill(prompt)
@@ -212,8 +212,8 @@ def kv_rows(backend, position: int) -> list[np.ndarray]:
     return [np.array(array[:, :, :position]) for array in backend.kv.arrays]
 
 
-def assert_prefill_is_steps(bundle: Path, threads: int) -> None:
-    batched, stepped = (load_backend(bundle, kernels="native", threads=threads) for _ in range(2))
+def assert_prefill_is_steps(bundle: Path, threads: int, kernels: str = "native") -> None:
+    batched, stepped = (load_backend(bundle, kernels=kernels, threads=threads) for _ in range(2))
     graph = load_backend(bundle, kernels="onnxruntime", threads=1)
     assert isinstance(batched, NativeBackend) and kernel_decoder(batched).prefills  # no onnxruntime graph: the weights are held once
     rng = np.random.default_rng(threads)
@@ -266,6 +266,51 @@ def test_zero_points_stream_with_the_codes(workdir):
         assert_prefill_is_steps(bundle, threads=2)
 
 
+EXACT_CASES = [(("minicpm", "untied"), scheme) for scheme in ("int4", "int4-asym", "int8", "int4-tables4", "ternary")]
+EXACT_CASES += [(("llama", "dense"), "int4")]  # a tied int6 head: the table streamed at 6 bits
+
+
+def level0_bundle(workdir: Path, key, scheme: str) -> Path:
+    """`scheme` exported at accuracy level 0: onnxruntime's MatMulNBits multiplies the float input by the dequantized
+    weights."""
+    out = workdir / f"{'-'.join(key)}-{scheme}-level0"
+    if out.exists():
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QuantizationWarning)
+        return export_checkpoint(checkpoint(workdir, key), out, flavour="ort", max_context=MAX_CONTEXT,
+                                 quant=SCHEMES[scheme], accuracy_level=0, quality_tokens=16)
+
+
+@needs_kernels
+@pytest.mark.parametrize("key, scheme", EXACT_CASES, ids=["-".join(k) + f"-{s}" for k, s in EXACT_CASES])
+def test_native_exact_computes_what_accuracy_level_0_does(workdir, key, scheme):
+    """`--kernels native-exact`: every quantized linear multiplies its float input by the dequantized codes, which is
+    MatMulNBits' accuracy level 0: onnxruntime's logits on the level-0 bundle to fp32 rounding (int8 activations miss
+    them by ~1% of the range), for 2-, 4-, 6- (int6 tables) and 8-bit streams, zero points and row scales; prefill
+    is its decode steps bit for bit. The int8 kernels refuse such bundles."""
+    bundle = level0_bundle(workdir, key, scheme)
+    expected, got = decode_both(bundle, kernels="native-exact")
+    assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= FP32_ATOL
+    assert load_backend(bundle, kernels="native-exact").kernels["activations"] == "exact activations"
+    assert_prefill_is_steps(bundle, threads=2, kernels="native-exact")
+    with pytest.raises(BundleError, match="accuracy level 0; --kernels native-exact runs it"):
+        load_backend(bundle, kernels="native")
+
+
+@needs_kernels
+def test_native_exact_reads_float_zero_points(workdir):
+    """A GGUF Q4_1 file's own blocks (float zero points: per-block offsets times the exact input sums) at level 0."""
+    from gguf_writer import Q, write_gguf
+
+    source = write_gguf(workdir / "q4_1-exact.gguf", ("llama", "dense"), qtype=Q.Q4_1).path
+    bundle = export_checkpoint(source, workdir / "q4_1-level0", flavour="ort", max_context=MAX_CONTEXT,
+                               quant=QuantSpec("int4"), accuracy_level=0, quality_tokens=16)
+    expected, got = decode_both(bundle, kernels="native-exact")
+    assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= FP32_ATOL
+    assert_prefill_is_steps(bundle, threads=3, kernels="native-exact")
+
+
 @needs_kernels
 def test_native_prefill_over_split_attention(workdir):
     """Past 32 positions per range a token's attention is split over work items; prefill splits each token as its
@@ -293,6 +338,8 @@ def test_auto_decodes_natively_unless_told_otherwise(workdir, monkeypatch):
     quantized = load_backend(export(source, workdir / "auto-int4", SCHEMES["int4"]))
     assert kernel_decoder(quantized) is not None and quantized.kernels["native_unavailable"] is None
     assert kernel_decoder(quantized)._model.layer[0].qkv.scale_format == SCALES_FP16  # exported at fp16 precision
+    assert quantized.kernels["activations"] == "int8 activations"  # accuracy level 4's arithmetic, as recorded
+    assert not any(getattr(kernel_decoder(quantized)._model.layer[0], role).exact for role in ("qkv", "o", "gate_up", "down"))
     dense = load_backend(export(source, workdir / "auto-fp32", None))
     # fp32: the kernels decode, onnxruntime prefills (MLAS's GEMM), both from one memory-mapped copy
     assert dense.kernels == {"prefill": "onnxruntime", "decode": "native", "native_unavailable": None, "attention": "dense"}

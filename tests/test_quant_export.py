@@ -310,6 +310,24 @@ def test_quality_gate_limit_fails_and_leaves_no_bundle(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "ok"]
 
 
+def test_quality_gate_measures_the_kernels_the_bundle_runs_on_by_default(tmp_path, monkeypatch):
+    """The gate runs the bundle as `auto` does (native kernels with int8 activations where they implement it), not as
+    $EDGECPM_KERNELS says for the exporting process, and records which kernels those were."""
+    from edgecpm.quant.quality import backend_logits, compare, describe_kernels, evaluation_text, graph_reference_logits
+    from edgecpm.text import TextTokenizer
+
+    source = write_hf_checkpoint(tmp_path / "m", ("llama", "dense"))
+    monkeypatch.setenv("EDGECPM_KERNELS", "onnxruntime")
+    manifest = read_manifest(export(source, tmp_path / "b", quant=QuantSpec("int4"), accuracy_level=4))
+    monkeypatch.delenv("EDGECPM_KERNELS")
+    quality, default = manifest.quantization["quality"], load_backend(tmp_path / "b")
+    assert quality["kernels"] == describe_kernels(default.kernels)
+    tokenizer = TextTokenizer.from_file(tmp_path / "b" / "tokenizer.json", manifest.tokenizer)
+    ids = np.asarray(tokenizer.encode(evaluation_text())[:QUALITY_TOKENS], dtype=np.int64)
+    expected = compare(graph_reference_logits(open_checkpoint(source), ids), backend_logits(default, ids), ids)
+    assert quality["mean_kl"] == pytest.approx(expected.mean_kl, rel=1e-6)
+
+
 def _cli(*args: str, capsys) -> tuple[int, str]:
     from edgecpm.cli import main
 

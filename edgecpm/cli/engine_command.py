@@ -57,16 +57,21 @@ def build(
                                            "512, at most --max-context); longer prompts run in chunks.",
                                            show_default=False),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the bundle's engine for this device."),
+    sparse_plugin: Path | None = typer.Option(None, "--sparse-plugin", help="InfLLM v2 plugin library "
+                                              "(libedgecpm_infllmv2.so, built from runtimes/tensorrt/plugins/infllmv2) "
+                                              "to run a sparse graph's attention instead of its standard-op lowering.",
+                                              show_default=False),
 ) -> None:
     """Build a TensorRT engine from the bundle's standard graph, pinned to this GPU, TensorRT and L4T release."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from edgecpm.exporters.tensorrt.build import plan_build, run_build
+    from edgecpm.exporters.tensorrt.plugins import SparsePlugin
 
     # Every check (bundle, profile, TensorRT, GPU, an existing engine) happens here, before any output or file.
     plan = plan_build(existing_path(bundle), device=device, max_context=max_context, prefill_max=prefill_max,
-                      overwrite=overwrite)
+                      overwrite=overwrite, sparse_plugin=None if sparse_plugin is None else SparsePlugin(sparse_plugin))
     console = Console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:

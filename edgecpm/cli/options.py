@@ -16,8 +16,9 @@ CHECKPOINT_OR_BUNDLE = typer.Argument(..., help="An HF checkpoint directory, a G
 BUNDLE = typer.Argument(..., help="An edgecpm bundle directory (made by `edgecpm export`).", show_default=False)
 THREADS = typer.Option(None, "--threads", min=1, help="CPU threads for the runtime (default: the runtime's choice).")
 KERNELS = typer.Option(None, "--kernels", help="Who runs the bundle: auto (its TensorRT engine for this GPU, else edgecpm's "
-                       "native kernels where they are faster, else onnxruntime), tensorrt, native or onnxruntime "
-                       "(default: $EDGECPM_KERNELS, else auto).",
+                       "native kernels where they are faster, else onnxruntime), tensorrt, native, native-exact (the "
+                       "native kernels with exact float activations instead of int8: fp32-exact logits of the quantized "
+                       "weights, slower) or onnxruntime (default: $EDGECPM_KERNELS, else auto).",
                        show_default=False)
 ATTENTION = typer.Option(None, "--attention", help="auto (the model's own choice: InfLLM v2 sparse attention where it has a "
                          "sparse_config, dense below its dense_len), dense, or sparse (on the native kernels) [default: auto]",

@@ -1,8 +1,9 @@
 """The quality gate: perplexity and mean KL divergence of a quantized bundle against the fp32 reference.
 
-Both are measured on `edgecpm/data/evaluation*.txt` (shipped, never downloaded). The quantized side runs
-through the real exported graph on its runtime backend, token by token, so kernel effects (int8
-activations at accuracy level 4, fp16 accumulation) are part of the number.
+Both are measured on `edgecpm/data/evaluation*.txt` (shipped, never downloaded). The quantized side runs on
+the kernels the bundle runs on by default here (`--kernels auto`: edgecpm's native kernels where they implement it,
+else onnxruntime; recorded as `kernels`), token by token, so kernel effects (int8 activations at accuracy level 4,
+fp16 accumulation) are part of the number.
 
 The reference is the unquantized checkpoint exported as an fp32 `ort` graph and run on onnxruntime's own
 kernels (`graph_reference_logits`), so the gate needs no torch: the fp32 parity tests hold that graph to
@@ -13,7 +14,7 @@ and tests.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ class QualityReport:
     mean_kl: float
     top1_agreement: float
     reference: str = REFERENCE  # what produced reference_perplexity and the KL's reference distribution
+    kernels: str = ""  # what computed the bundle's logits (describe_kernels), "" where not recorded
 
     @property
     def perplexity_increase(self) -> float:
@@ -129,6 +131,12 @@ def graph_reference_logits(checkpoint, token_ids: np.ndarray, workdir: str | Pat
     return logits
 
 
+def describe_kernels(kernels: dict) -> str:
+    """A backend's `kernels` record as the gate reports it, e.g. "native (avx2, int8 activations)"."""
+    details = [kernels[key] for key in ("isa", "activations") if kernels.get(key)]
+    return kernels["decode"] + (f" ({', '.join(details)})" if details else "")
+
+
 def measure_bundle(bundle_dir, checkpoint, max_tokens: int) -> QualityReport:
     """The bundle as it will run (its runtime, its tokenizer) against the unquantized checkpoint's fp32 graph."""
     from edgecpm.bundle import TOKENIZER_NAME, read_manifest
@@ -140,12 +148,14 @@ def measure_bundle(bundle_dir, checkpoint, max_tokens: int) -> QualityReport:
     manifest = read_manifest(bundle_dir)
     tokenizer = TextTokenizer.from_file(bundle_dir / TOKENIZER_NAME, manifest.tokenizer)
     ids = np.asarray(tokenizer.encode(evaluation_text())[: min(max_tokens, manifest.max_context)], dtype=np.int64)
-    # dense: the gate measures what quantization costs; sparse attention's own cost is measured on long texts
-    backend = load_backend(bundle_dir, manifest, attention=AttentionChoice("dense"))
+    # dense: the gate measures what quantization costs; sparse attention's own cost is measured on long texts.
+    # "auto", never $EDGECPM_KERNELS: the kernels the bundle runs on by default, whose arithmetic is part of the cost.
+    backend = load_backend(bundle_dir, manifest, kernels="auto", attention=AttentionChoice("dense"))
+    kernels = describe_kernels(backend.kernels)
     logits = backend_logits(backend, ids)
     del backend
     # Memory: the fp32 reference graph is as large as the fp32 model. It is built only now, after the
     # quantized bundle is staged and measured (its session closed above), beside the bundle (the output's
     # filesystem, not a possibly RAM-backed /tmp), and deleted before this returns.
     reference = graph_reference_logits(checkpoint, ids, workdir=bundle_dir.parent)
-    return compare(reference, logits, ids)
+    return replace(compare(reference, logits, ids), kernels=kernels)

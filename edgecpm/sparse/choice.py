@@ -71,6 +71,12 @@ class AttentionChoice:
         return {"mode": self.mode, "overrides": dict(self.overrides)}
 
 
+def reaches_sparse(config: SparseAttentionConfig | None, max_context: int) -> bool:
+    """Whether a session of at most `max_context` tokens can run sparse under `config` (None: dense): below dense_len
+    sparse attention is dense attention (spec §6.2), so a context that never reaches it is dense throughout."""
+    return config is not None and (config.dense_len < 0 or max_context >= config.dense_len)
+
+
 def checked(config: SparseAttentionConfig, source: str | Path) -> SparseAttentionConfig:
     """`config` once its geometry is one InfLLM v2 can run (edgecpm.sparse.SparseGeometry's rules)."""
     from edgecpm.sparse.infllmv2 import SparseGeometry

@@ -8,6 +8,7 @@ attention, KV concatenation) so TensorRT can take the graph. Everything else is 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,9 +16,12 @@ import numpy as np
 from onnx import TensorProto
 
 from edgecpm.arch.rope import RopeConfig
+from edgecpm.errors import UnsupportedError
 from edgecpm.exporters.onnx import ops
+from edgecpm.exporters.onnx.infllmv2 import attention_node
 from edgecpm.exporters.onnx.spec import ExportOptions, GraphIO, KVTensor, TensorSpec
 from edgecpm.exporters.onnx.writer import ONNX_DTYPES, ORT_DOMAIN, GraphWriter
+from edgecpm.sparse.op import InfLLMv2Attributes
 
 GQA_HEAD_MULTIPLE = 16
 GQA_ROTARY_MULTIPLE = 16
@@ -98,7 +102,45 @@ class Lowering:
 
     def graph_io(self) -> GraphIO:
         # KV tensors are listed after the position inputs, in layer order, as the runtime binds them.
-        return GraphIO(self.inputs, self.outputs, self.kv, self.kv_mode, self.dtype.name)
+        return GraphIO(self.inputs, self.outputs, self.kv, self.kv_mode, self.dtype.name,
+                       attention="dense" if self.options.sparse is None else "sparse")
+
+    def _sparse_shape(self, shape: AttentionShape) -> InfLLMv2Attributes:
+        """The InfLLMv2Attention attributes of a layer (UnsupportedError where the attention has no sparse form)."""
+        if shape.value_is_key:
+            raise UnsupportedError("InfLLM v2 sparse attention is defined for GQA attention (minicpm, llama), not for "
+                                   "MLA's latent cache; export with --attention dense", field="--attention")
+        return dataclasses.replace(InfLLMv2Attributes.of(self.options.sparse, shape.head_dim), scale=shape.scale)
+
+    def _infllmv2(self, q4: str, q_raw: str, keys: str, values: str, shape: AttentionShape, total: str) -> str:
+        """InfLLM v2 attention (one ai.edgecpm.InfLLMv2Attention node): q4 [1,S,nh,d] roped, q_raw [1,S,nh*d] before
+        RoPE, keys/values [1,kvh,T,d|v] the whole history (heads-major), total [1] = T -> [1,S,nh*v]."""
+        w = self.w
+        attributes = self._sparse_shape(shape)
+        nh, d = shape.num_heads, shape.head_dim
+        inputs = [w.op("Transpose", [q4], perm=[0, 2, 1, 3]), keys, values]
+        if attributes.use_nope:
+            q_nope = w.op("Reshape", [q_raw, w.const([1, -1, nh, d])])
+            inputs += [w.op("Transpose", [q_nope], perm=[0, 2, 1, 3]), self._unrope(keys, d, total)]
+        out = attention_node(w, attributes, inputs, self.dtype)  # [1,nh,S,v]
+        return w.op("Reshape", [w.op("Transpose", [out], perm=[0, 2, 1, 3]), w.const([1, -1, nh * shape.v_dim])])
+
+    def _unrope(self, keys: str, dim: int, total: str) -> str:
+        """The keys before RoPE, keys [1,kvh,T,dim] of positions 0..T-1 rotated back (use_nope's selection keys).
+
+        Recovered from the roped cache rather than kept in a second cache, so the graph's I/O stays that of dense
+        attention; the inverse rotation is exact up to float rounding (a few ulp).
+        """
+        w = self.w
+        rd, half = self.rope.rotary_dim, self.rope.rotary_dim // 2
+        positions = w.op("Range", [w.const(0), w.op("Squeeze", [total, w.const([0])]), w.const(1)])
+        cos, sin = (w.op("Gather", [table, positions], axis=0) for table in (self.cos, self.sin))  # [T, half]
+        splits = [half, half] + ([dim - rd] if dim > rd else [])
+        parts = w.op("Split", [keys, w.const(splits)], len(splits), axis=3)
+        r1, r2 = parts[0], parts[1]
+        x1 = w.op("Add", [w.op("Mul", [r1, cos]), w.op("Mul", [r2, sin])])
+        x2 = w.op("Sub", [w.op("Mul", [r2, cos]), w.op("Mul", [r1, sin])])
+        return w.op("Concat", [x1, x2, *parts[2:]], axis=3)
 
     def _rope(self, x: str, heads: int, dim: int, positions: str) -> str:
         """Rotate-half RoPE on the first rotary_dim values of each head of x [1,S,heads*dim]."""
@@ -151,6 +193,8 @@ class OrtLowering(Lowering):
         return normed, total
 
     def attention(self, layer, q, k, v, shape: AttentionShape, *, packed=False):
+        if self.options.sparse is not None:
+            return self._sparse_attention(layer, q, k, v, shape, packed)
         w = self.w
         nh, kvh, d = shape.num_heads, shape.kv_heads, shape.head_dim
         # GroupQueryAttention (CPU) needs head_size % 16 == 0: zero-pad every head at its end (scores and
@@ -189,8 +233,35 @@ class OrtLowering(Lowering):
         kept = w.op("Slice", [heads, w.const([start]), w.const([stop]), w.const([3])])
         return w.op("Reshape", [kept, w.const([1, -1, nh * (stop - start)])])
 
+    def _sparse_attention(self, layer, q, k, v, shape: AttentionShape, packed: bool) -> str:
+        """InfLLM v2 in place of GroupQueryAttention, over the same shared past/present buffers.
+
+        The new rows are scattered into the buffer at positions total - S .. total - 1 (the runtime binds past_* and
+        present_* to one buffer, so this writes in place, as GroupQueryAttention does), and attention reads the first
+        `total` rows. No head padding: that was for GroupQueryAttention's kernels only.
+        """
+        w = self.w
+        nh, kvh, d = shape.num_heads, shape.kv_heads, shape.head_dim
+        self._sparse_shape(shape)
+        if packed:
+            q, k, v = w.op("Split", [q, w.const([nh * d, kvh * d, kvh * shape.v_dim])], 3, axis=2)
+        positions = self._positions()
+        total = w.op("Reshape", [w.op("Cast", [self.total_length], to=TensorProto.INT64), w.const([1])])
+        rows = {"key": self._rope(k, kvh, d, positions), "value": w.op("Reshape", [v, w.const([1, -1, kvh, shape.v_dim])])}
+        history = {}
+        for kind, dim in (("key", d), ("value", shape.v_dim)):
+            name_in, name_out = f"past_{kind}.{layer}", f"present_{kind}.{layer}"
+            self._input(name_in, self.dtype, [1, kvh, "kv_capacity", dim])
+            self._output(name_out, self.dtype, [1, kvh, "kv_capacity", dim])
+            self.kv.append(KVTensor(layer, kind, name_in, name_out, kvh, dim))
+            new = w.op("Transpose", [rows[kind]], perm=[0, 2, 1, 3])  # [1,kvh,S,dim]
+            where = w.op("Expand", [w.op("Reshape", [positions, w.const([1, 1, -1, 1])]), w.op("Shape", [new])])
+            present = w.op("ScatterElements", [name_in, where, new], axis=2, outputs=[name_out])
+            history[kind] = w.op("Slice", [present, w.const([0]), total, w.const([2])])  # [1,kvh,T,dim]
+        return self._infllmv2(self._rope(q, nh, d, positions), q, history["key"], history["value"], shape, total)
+
     def _positions(self) -> str:
-        """Positions of the new tokens, total - S .. total - 1 (only for the explicit-rotary fallback)."""
+        """Positions of the new tokens, total - S .. total - 1 (explicit rotary: the fallback and sparse attention)."""
         w = self.w
         total = w.op("Cast", [self.total_length], to=TensorProto.INT64)
         seq_len = w.op("Squeeze", [w.op("Shape", [self.ids], start=1, end=2), w.const([0])])
@@ -268,6 +339,9 @@ class StandardLowering(Lowering):
             w.op("Identity", [v4], outputs=[past["value"][1]])
             values = w.op("Concat", [past["value"][0], v4], axis=1)
             v_dim = shape.v_dim
+        if self.options.sparse is not None:
+            heads_major = lambda t: w.op("Transpose", [t], perm=[0, 2, 1, 3])  # noqa: E731  [1,T,kvh,*] -> [1,kvh,T,*]
+            return self._infllmv2(q4, q, heads_major(keys), heads_major(values), shape, end)
         return self._attend(q4, keys, values, shape, v_dim, end, positions)
 
     def _attend(self, q4, keys, values, shape: AttentionShape, v_dim: int, end: str, positions: str) -> str:

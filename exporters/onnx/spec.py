@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from edgecpm.arch.base import SparseAttentionConfig
+
 FLAVOURS = ("ort", "standard")
 PRECISIONS = {"fp32": np.float32, "fp16": np.float16}
 TIED_HEAD_MODES = ("shared", "duplicate")
@@ -30,6 +32,9 @@ class ExportOptions:
     # MatMulNBits' compute type (quantized exports, ort flavour): 4 = int8 activations, the fast CPU path
     # (its error is part of the measured quality); 0 = the activation dtype, exact against a reference.
     accuracy_level: int = 4
+    # InfLLM v2 sparse attention the graph attends with (one ai.edgecpm.InfLLMv2Attention node per layer, lowered to
+    # standard ops: exporters/onnx/infllmv2.py); None: dense attention.
+    sparse: SparseAttentionConfig | None = None
 
     @property
     def np_dtype(self) -> type:
@@ -69,6 +74,7 @@ class GraphIO:
     kv: list[KVTensor]
     kv_mode: str
     kv_dtype: str
+    attention: str = "dense"  # how the graph itself attends (edgecpm.bundle.GRAPH_ATTENTION: the manifest's graph_attention)
     logits: str = "logits"
     tensors: dict = field(default_factory=dict)  # weight name -> {offset, length, dtype, shape} in the data file
 

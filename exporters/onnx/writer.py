@@ -44,6 +44,7 @@ class GraphWriter:
         self._names = itertools.count()
         self._consts: dict[tuple, str] = {}
         self.tensor_index: dict[str, dict] = {}
+        self.functions: dict[tuple[str, str], onnx.FunctionProto] = {}  # model-local functions (custom-domain ops)
 
     # ---- names and values -------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -103,6 +104,12 @@ class GraphWriter:
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.fresh(op_type), domain=domain, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
+    def function(self, proto: onnx.FunctionProto) -> None:
+        """Adds a model-local function (the body of a custom-domain op) once; one body per op in a model."""
+        known = self.functions.setdefault((proto.domain, proto.name), proto)
+        if known is not proto and known.SerializeToString() != proto.SerializeToString():
+            raise ValueError(f"{proto.domain}.{proto.name} is already defined with another body in this graph")
+
     def add_input(self, name: str, elem_type: int, shape: list) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
@@ -117,7 +124,9 @@ class GraphWriter:
         opsets = [helper.make_opsetid("", OPSET)]
         if uses_contrib_ops:
             opsets.append(helper.make_opsetid(ORT_DOMAIN, 1))
-        model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name=producer)
+        opsets += [helper.make_opsetid(domain, 1) for domain in sorted({domain for domain, _ in self.functions})]
+        model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name=producer,
+                                  functions=list(self.functions.values()))
         # The proto holds only references to the data file, so it stays small even for 8B models.
         model_path.write_bytes(model.SerializeToString())
 

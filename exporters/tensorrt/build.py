@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgecpm.exporters.tensorrt.pin import HostFacts, current_host
+from edgecpm.exporters.tensorrt.plugins import PLUGIN_DIR, SparsePlugin, load_plugin_library, plugin_graph
 
 from edgecpm.bundle import EngineRecord, Manifest, read_manifest, write_manifest
 from edgecpm.errors import BundleError, EdgecpmError, MissingDependencyError, UnsupportedError
@@ -80,6 +81,7 @@ class BuildPlan:
     host: HostFacts
     engine_file: str
     replaces: EngineRecord | None
+    sparse_plugin: SparsePlugin | None = None  # the InfLLM v2 plugin in place of the graph's lowering
 
 
 # --- pure parts ------------------------------------------------------------------------------------------
@@ -239,11 +241,23 @@ def _checked_profile(profile: Any, host: HostFacts) -> tuple[str, BuildSettings]
     return profile.name, settings_from_profile(profile)
 
 
+def check_sparse_plugin(manifest: Manifest, sparse_plugin: SparsePlugin | None) -> SparsePlugin | None:
+    """The plugin, checked: it exists, and the bundle's graph has the operator it implements."""
+    if sparse_plugin is None:
+        return None
+    if manifest.graph_attention != "sparse":
+        raise UnsupportedError("--sparse-plugin replaces a sparse graph's InfLLM v2 lowering; this bundle's graph attends "
+                               "densely (export it with --attention sparse)", field="--sparse-plugin")
+    return sparse_plugin.checked()
+
+
 def plan_build(bundle: str | Path, *, device: str | None = None, max_context: int | None = None,
-               prefill_max: int | None = None, overwrite: bool = False, host: HostFacts | None = None) -> BuildPlan:
+               prefill_max: int | None = None, overwrite: bool = False, host: HostFacts | None = None,
+               sparse_plugin: SparsePlugin | None = None) -> BuildPlan:
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     check_standard_bundle(manifest, bundle)
+    sparse_plugin = check_sparse_plugin(manifest, sparse_plugin)
     max_context, prefill_max = check_sizes(manifest, max_context, prefill_max)
     profiles = optimization_profiles(manifest, max_context, prefill_max)
     if host is None:
@@ -258,7 +272,7 @@ def plan_build(bundle: str | Path, *, device: str | None = None, max_context: in
         raise BundleError(f"the bundle has an engine for device {name} ({replaces.file}); pass --overwrite to rebuild it",
                           path=bundle)
     return BuildPlan(bundle, manifest, name, settings, max_context, prefill_max, profiles, host,
-                     engine_file_name(name, host.sm, host.tensorrt_version), replaces)
+                     engine_file_name(name, host.sm, host.tensorrt_version), replaces, sparse_plugin)
 
 
 # --- the build (needs TensorRT and a GPU) -------------------------------------------------------------------
@@ -349,8 +363,17 @@ def run_build(plan: BuildPlan, *, monitor: BuildMonitor | None = None, say: Say 
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     model_path = plan.bundle / plan.manifest.model_file
+    if plan.sparse_plugin is not None:
+        load_plugin_library(plan.sparse_plugin.library)
+        model_path = plugin_graph(model_path)  # the same graph without the lowering: the plugin takes the node
+        say(f"InfLLM v2 attention from the plugin {plan.sparse_plugin.library.name}")
     say(f"parsing {model_path.name} (weights read from disk by TensorRT)")
-    if not parser.parse_from_file(str(model_path)):
+    try:
+        parsed = parser.parse_from_file(str(model_path))
+    finally:
+        if plan.sparse_plugin is not None:
+            model_path.unlink(missing_ok=True)
+    if not parsed:
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         first = errors[0].desc() if errors else "no error reported"
         node = getattr(errors[0], "node_name", None) if errors else None
@@ -413,12 +436,17 @@ def _install(plan: BuildPlan, engine: memoryview, timing_cache, say: Say) -> Eng
     chunks = (engine[i:i + step] for i in range(0, len(engine), step))
     if backup is not None:
         os.replace(target, backup)
+    plugins = []
+    if plan.sparse_plugin is not None:  # the engine needs the library wherever it is deserialized: the bundle keeps it
+        plugins = [f"{PLUGIN_DIR}/{plan.sparse_plugin.library.name}"]
+        _write_atomically(plan.bundle / plugins[0], [plan.sparse_plugin.library.read_bytes()])
     try:
         _write_atomically(target, chunks, digest)
         record = EngineRecord(file=plan.engine_file, sha256=digest.hexdigest(), device=plan.device,
                               tensorrt_version=plan.host.tensorrt_version, gpu_name=plan.host.gpu_name, sm=plan.host.sm,
                               l4t_release=plan.host.l4t_release, max_context=plan.max_context,
-                              shape_profiles=plan.shape_profiles, timing_cache=TIMING_CACHE, built_with=edgecpm.__version__)
+                              shape_profiles=plan.shape_profiles, timing_cache=TIMING_CACHE, built_with=edgecpm.__version__,
+                              plugins=plugins)
         manifest = with_engine(read_manifest(plan.bundle), record)
         write_manifest(plan.bundle, manifest)
     except BaseException:
@@ -441,12 +469,15 @@ def _install(plan: BuildPlan, engine: memoryview, timing_cache, say: Say) -> Eng
 
 def build_engine(bundle: str | Path, *, device: str | None = None, max_context: int | None = None,
                  prefill_max: int | None = None, overwrite: bool = False, monitor: BuildMonitor | None = None,
-                 say: Say | None = None) -> EngineRecord:
-    """Builds, pins and records a TensorRT engine for this machine's GPU; returns its EngineRecord."""
-    plan = plan_build(bundle, device=device, max_context=max_context, prefill_max=prefill_max, overwrite=overwrite)
+                 say: Say | None = None, sparse_plugin: SparsePlugin | None = None) -> EngineRecord:
+    """Builds, pins and records a TensorRT engine for this machine's GPU; returns its EngineRecord. `sparse_plugin`:
+    the InfLLM v2 plugin library runs a sparse graph's attention instead of its lowering (exporters/tensorrt/plugins.py)."""
+    plan = plan_build(bundle, device=device, max_context=max_context, prefill_max=prefill_max, overwrite=overwrite,
+                      sparse_plugin=sparse_plugin)
     return run_build(plan, monitor=monitor, say=say)
 
 
-__all__ = ["BuildMonitor", "BuildPlan", "BuildSettings", "build_engine", "check_sizes", "check_standard_bundle",
+__all__ = ["BuildMonitor", "BuildPlan", "BuildSettings", "build_engine", "check_sizes", "check_sparse_plugin",
+           "check_standard_bundle",
            "engine_file_name", "optimization_profiles", "plan_build", "resolve_device", "run_build",
            "settings_from_profile", "with_engine"]

@@ -160,6 +160,29 @@ class _Graph:
         return None if tensor is None else [int(d) for d in tensor.dims]
 
 
+class _FunctionBody:
+    """A model-local function's body as the checks see it: its own Constant nodes (a body sees no initializers), its
+    element types unknown (not judged). TensorRT's parser imports such a function in place of a node of its name."""
+
+    def __init__(self, function):
+        self.nodes = list(function.node)
+        self.constants = {out: node for node in self.nodes if node.op_type == "Constant" for out in node.output}
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.constants
+
+    def array(self, name: str):
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(next(a.t for a in self.constants[name].attribute if a.name == "value"))
+
+    def type_name(self, name: str) -> str | None:
+        return None
+
+    def dims(self, name: str) -> list[int] | None:
+        return None
+
+
 def _attribute(node, name: str, default: Any = None) -> Any:
     from onnx import helper
 
@@ -187,8 +210,24 @@ def check_model(model_path: str | Path, table: SupportTable) -> list[Finding]:
         if opset.domain in ("", "ai.onnx") and not table.opset_min <= opset.version <= table.opset_parser_max:
             findings.append(Finding("model", "opset", "opset", f"opset {opset.version} is outside {table.opset_min}.."
                                     f"{table.opset_parser_max}, what TensorRT {table.versions}'s parser knows"))
-    for node in graph.model.graph.node:
-        label = _label(node)
+    # The parser imports a node whose op_type names a model-local function as that function's body (looked up by name
+    # only: onnx-tensorrt ModelImporter.cpp), before it looks for a plugin; each body is checked once.
+    functions = {function.name: function for function in graph.model.functions}
+    findings.extend(_nodes_findings(graph, graph.model.graph.node, functions, set(), table))
+    return findings
+
+
+def _nodes_findings(scope, nodes, functions: dict, checked: set[str], table: SupportTable, within: str = "") -> list[Finding]:
+    findings: list[Finding] = []
+    for node in nodes:
+        label = within + _label(node)
+        if node.op_type in functions and node.domain not in ("", "ai.onnx"):
+            if node.op_type not in checked:
+                checked.add(node.op_type)
+                body = functions[node.op_type]
+                findings.extend(_nodes_findings(_FunctionBody(body), body.node, functions, checked, table,
+                                                f"{body.domain}.{body.name}/"))
+            continue
         if node.domain not in ("", "ai.onnx"):
             findings.append(Finding(label, node.op_type, "operator", f"custom-domain operator {node.domain}.{node.op_type}"))
             continue
@@ -197,9 +236,9 @@ def check_model(model_path: str | Path, table: SupportTable) -> list[Finding]:
             findings.append(Finding(label, node.op_type, "operator",
                                     f"not supported by TensorRT {table.versions}'s ONNX parser"))
             continue
-        findings.extend(_node_findings(graph, node, entry, label))
+        findings.extend(_node_findings(scope, node, entry, label))
         if node.op_type == "DequantizeLinear":
-            findings.extend(_dequantize_findings(graph, node, table.quantization, label))
+            findings.extend(_dequantize_findings(scope, node, table.quantization, label))
     return findings
 
 

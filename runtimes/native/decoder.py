@@ -2,10 +2,10 @@
 
 `native_decoder` checks that the bundle is one the kernels implement exactly (a pre-norm GQA decoder,
 fp32 activations, and for quantized linears the int8-activation compute that the bundle records as
-MatMulNBits' accuracy level 4) and raises KernelsUnavailable with the reason otherwise; the backend then
-runs the bundle with onnxruntime. Float weights are read in place; quantized ones from a copy interleaved
-for the vectorised kernels, after which the map's pages are dropped. Weights are found through the
-manifest's tensor index (written by the exporter), never by parsing the graph.
+MatMulNBits' accuracy level 4, or with exact activations everywhere also level 0's) and raises KernelsUnavailable
+with the reason otherwise; the backend then runs the bundle with onnxruntime. Float weights are read in place;
+quantized ones from a copy interleaved for the vectorised kernels, after which the map's pages are dropped. Weights
+are found through the manifest's tensor index (written by the exporter), never by parsing the graph.
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ PHASE_TIMERS_ENV = "EDGECPM_NATIVE_PHASE_TIMERS"
 # bit for bit: what the emulated ISA tests, and anyone checking a board, compare against. Read when a decoder is made.
 PORTABLE_ENV = "EDGECPM_NATIVE_PORTABLE"
 PHASES = ("embedding", "norm", "attention", "linear", "lm_head")  # kernels.c's EC_PHASE_*, in order
+# The quantized linears by role. Each computes with int8 activations (MatMulNBits accuracy level 4) or with exact
+# ones: the float input times the dequantized codes (kernels.c exact_input), what accuracy level 0 computes.
+LINEAR_ROLES = ("qkv", "o", "gate_up", "down", "head")
+EXACT_ALL = frozenset(LINEAR_ROLES)  # `--kernels native-exact`
+# The default: none. Measured (benchmarks/precision_native.py --attribute, docs/QUANTIZATION.md) the int8 error is
+# spread over qkv, gate_up and down in every layer; no few linears buy a share of it worth their speed.
+EXACT_DEFAULT: frozenset[str] = frozenset()
 
 
 TABLE = "embed_tokens"
@@ -50,7 +57,8 @@ class Linear(ctypes.Structure):
                 ("zero_terms", ctypes.c_void_p), ("offsets", ctypes.c_void_p), ("packed", ctypes.c_void_p), ("scale_format", ctypes.c_int32),
                 ("dense", ctypes.c_void_p), ("input_order", ctypes.c_void_p),
                 ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("bits", ctypes.c_int32), ("block", ctypes.c_int32),
-                ("dense_nk", ctypes.c_int32), ("offset_kind", ctypes.c_int32), ("stream_bits", ctypes.c_int32)]
+                ("dense_nk", ctypes.c_int32), ("offset_kind", ctypes.c_int32), ("stream_bits", ctypes.c_int32),
+                ("exact", ctypes.c_int32)]
 
 
 class Layer(ctypes.Structure):
@@ -300,6 +308,8 @@ class NativeDecoder:
         self._library, self._model, self._weights, self._keep = library, model, weights, keep
         self.streamed_bytes = weights.streamed_bytes
         self.prefills = bool(library.ec_can_prefill(ctypes.byref(model)))
+        self.isa = library.ec_isa().decode()
+        self.activations = "float"  # of the quantized linears (activations_label), set by native_decoder
         self._state = library.ec_state_new(ctypes.byref(model))  # buffers for every step, allocated once
         if not self._state:
             raise KernelsUnavailable("could not allocate the decode buffers")
@@ -350,6 +360,12 @@ class NativeDecoder:
             self._library.ec_state_free(self._state)
 
 
+def activations_label(exact: frozenset[str]) -> str:
+    if exact == EXACT_ALL:
+        return "exact activations"
+    return "int8 activations" + (f" (exact: {', '.join(r for r in LINEAR_ROLES if r in exact)})" if exact else "")
+
+
 def _check_faster(manifest: Manifest, library: ctypes.CDLL) -> None:
     """Where the kernels decode slower than onnxruntime (docs/BENCHMARKS.md), `auto` leaves the bundle to it."""
     if not library.ec_vectorised():
@@ -377,11 +393,15 @@ def sparse_state(arch: dict, max_context: int, sparse: SparseAttentionConfig | N
 
 
 def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[], Sequence[int]], threads: int, *,
-                   only_if_faster: bool = False, sparse: SparseAttentionConfig | None = None) -> NativeDecoder:
+                   only_if_faster: bool = False, sparse: SparseAttentionConfig | None = None,
+                   exact: frozenset[str] = EXACT_DEFAULT) -> NativeDecoder:
     """kv_pointers() gives the runtime's [1, kv_heads, max_context, head_dim] fp32 buffers, key then value per
     layer (asked once the bundle passed the checks). `only_if_faster`: also refuse bundles the kernels
     implement but decode slower than onnxruntime. `sparse`: run InfLLM v2 sparse attention (infllmv2.c) with this
-    config (dense below its dense_len)."""
+    config (dense below its dense_len). `exact`: the LINEAR_ROLES whose quantized linears take exact (float)
+    activations; the others quantize theirs to int8."""
+    if unknown := sorted(set(exact) - EXACT_ALL):
+        raise ValueError(f"unknown linear roles {unknown} (choose from {', '.join(LINEAR_ROLES)})")
     _check(manifest)
     flags = (PHASE_TIMER_FLAGS if os.environ.get(PHASE_TIMERS_ENV) == "1" else ()) + \
         (PORTABLE_FLAGS if os.environ.get(PORTABLE_ENV) == "1" else ())
@@ -391,10 +411,14 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[
     arch = manifest.architecture
     weights = _Weights(bundle_dir / manifest.data_files[0], manifest.tensors, bool(library.ec_vectorised()),
                        bool(library.ec_stream_offsets()))
-    if float_activations := weights.quantized_with_float_activations():
-        raise KernelsUnavailable(f"{float_activations[0]} computes with float activations (accuracy level 0)")
+    if (float_activations := weights.quantized_with_float_activations()) and exact != EXACT_ALL:
+        raise KernelsUnavailable(f"{float_activations[0]} computes with float activations (accuracy level 0; "
+                                 "--kernels native-exact runs it)")
     h, vocab, tied = arch["hidden_size"], arch["vocab_size"], arch["tie_word_embeddings"]
     layers = DECODER_FAMILY[arch["architecture"]](weights, arch, kv_pointers())
+    for layer in layers:
+        for role in exact - {"head"}:
+            getattr(layer, role).exact = 1
     sparse_config, sparse_buffers = sparse_state(arch, manifest.max_context, sparse)
     for layer, buffers in zip(layers, sparse_buffers):
         layer.kc1, layer.kc2 = buffers[0].ctypes.data, buffers[1].ctypes.data
@@ -408,6 +432,7 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[
         head = weights.linear("lm_head", h, vocab, whole_items=True)
     else:
         head = table  # a tied head reading the table itself
+    head.exact = int("head" in exact)  # a tied table's too: its embedding lookup reads the codes and ignores it
     model = Model(
         hidden=h, layers=arch["num_hidden_layers"], heads=arch["num_attention_heads"], kv_heads=arch["num_key_value_heads"],
         head_dim=arch["head_dim"], rotary_dim=arch["rope"]["rotary_dim"], intermediate=arch["intermediate_size"],
@@ -421,5 +446,7 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[
     if weights.keep:
         weights.release_pages()
     decoder = NativeDecoder(library, model, weights, [layers, sparse_buffers])
+    if any(linear.codes for linear in (head, layers[0].qkv, layers[0].down)):
+        decoder.activations = activations_label(exact)
     decoder.sparse_bytes = sum(array.nbytes for buffers in sparse_buffers for array in buffers)
     return decoder

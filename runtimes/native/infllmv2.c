@@ -64,21 +64,35 @@ static float log_sum_exp(float *scores, int count) {
     return top + logf(exp_shifted(scores, count, top));
 }
 
-static const float *ranked_scores; /* qsort has no context argument; set per call under the thread's own order */
-#ifdef _OPENMP
-#pragma omp threadprivate(ranked_scores)
-#endif
-/* higher score first, equal scores by lower block index */
-static int by_score(const void *a, const void *b) {
-    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    if (ranked_scores[x] != ranked_scores[y]) return ranked_scores[x] > ranked_scores[y] ? -1 : 1;
-    return x < y ? -1 : x > y;
+/* Whether block x ranks before block y: higher score first, equal scores by lower block index. */
+static inline int ranks_before(const float *scores, int32_t x, int32_t y) {
+    return scores[x] > scores[y] || (scores[x] == scores[y] && x < y);
+}
+
+/* Reorders `order` so its first `take` entries are the `take` best ranked (in any order): quickselect, O(count). */
+static void select_best(const float *scores, int32_t *order, int count, int take) {
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        const int32_t pivot = order[lo + (hi - lo) / 2];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (ranks_before(scores, order[i], pivot)) i++;
+            while (ranks_before(scores, pivot, order[j])) j--;
+            if (i <= j) {
+                const int32_t t = order[i]; order[i] = order[j]; order[j] = t;
+                i++, j--;
+            }
+        }
+        if (take - 1 <= j) hi = j;
+        else if (take - 1 >= i) lo = i;
+        else return;
+    }
 }
 
 /* Stage 1, pooling and selection for the query token at `position` (its q, k, v row `qkv`) and KV head g: writes
  * the selected blocks ascending to `out` and returns how many. */
-static int select_blocks(const ec_model *m, const ec_layer *l, const ec_sparse_state *ss, int g, int position,
-                         const float *qkv, float *scratch, int32_t *order, int32_t *out) {
+static int select_blocks(const ec_model *m, const ec_layer *l, int g, int position, const float *qkv, float *scratch,
+                         int32_t *order, int32_t *out) {
     const ec_sparse *sp = &m->sparse;
     const int d = m->head_dim, group = m->heads / m->kv_heads, length = position + 1;
     const int n1 = kernel_count(length, sp->kernel_size, sp->kernel_stride);
@@ -103,7 +117,8 @@ static int select_blocks(const ec_model *m, const ec_layer *l, const ec_sparse_s
             key_scores(q, kc2, n2, d, m->attention_scale, coarse);
             lse = log_sum_exp(coarse, n2);
         }
-        for (int j = 0; j < n1; j++) shared[j] += expf(logits[j] - lse);
+        exp_shifted(logits, n1, lse);
+        for (int j = 0; j < n1; j++) shared[j] += logits[j];
     }
     /* max over the kernels overlapping each block: [b*ratio - 1, b*ratio + ratio - 1] */
     for (int b = 0; b <= q_block; b++) {
@@ -122,18 +137,14 @@ static int select_blocks(const ec_model *m, const ec_layer *l, const ec_sparse_s
     int take = budget - count;
     if (take > ranked) take = ranked;
     if (take > 0) {
-        if (take < ranked) {
-            ranked_scores = pooled;
-            qsort(order, (size_t)ranked, sizeof(int32_t), by_score);
-        }
+        if (take < ranked) select_best(pooled, order, ranked, take);
         for (int i = 0; i < take; i++) out[count++] = order[i];
-        /* ascending: forced blocks are ascending among themselves, as are the chosen ones once sorted */
+        /* ascending (forced blocks already are among themselves) */
         for (int i = 1; i < count; i++)
             for (int k = i; k > 0 && out[k - 1] > out[k]; k--) {
                 const int32_t t = out[k]; out[k] = out[k - 1]; out[k - 1] = t;
             }
     }
-    (void)ss;
     return count;
 }
 
@@ -229,7 +240,7 @@ static void sparse_attention(const ec_model *m, const ec_layer *l, ec_sparse_sta
     for (int item = 0; item < n * m->kv_heads; item++) {
         const int t = item / m->kv_heads, g = item % m->kv_heads;
         int32_t *blocks = token_blocks(m, ss, t, g);
-        const int count = select_blocks(m, l, ss, g, first + t, qkv + (size_t)t * qkv_stride, scratch, order, blocks);
+        const int count = select_blocks(m, l, g, first + t, qkv + (size_t)t * qkv_stride, scratch, order, blocks);
         ss->counts[item] = count;
         ss->tokens[item] = selected_tokens(m, blocks, count, first + t);
     }

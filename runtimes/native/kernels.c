@@ -132,6 +132,7 @@ int ec_phase_seconds(double *out, int reset) {
 #define EC_PREFETCH_BLOCKS 64 /* how far ahead each group's stream is prefetched (8-16 KiB measured best) */
 #define EC_TILE 16 /* prompt tokens per pass over the weights (ec_prefill) */
 #define EC_TOKENS 4 /* tokens one kernel call computes per row group (accumulators kept in registers) */
+#define EC_MAX_BLOCK 1024 /* the widest weight block (decoder.py MAX_BLOCK): quantize's scratch */
 
 typedef struct {
     /* block-quantized [n, k]: codes [n, blocks, block*bits/8] low bits first, scales [n, blocks] */
@@ -151,6 +152,8 @@ typedef struct {
     /* of `packed`: `bits`, or 6 for 8-bit codes holding 6-bit values (per block: their low 4 bits as a 4-bit
      * block, then their high 2 bits, see groups_avx2) */
     int32_t stream_bits;
+    /* 1: the input stays float and meets the codes dequantized (exact activations, see exact_input), 0: int8 */
+    int32_t exact;
 } ec_linear;
 
 /* InfLLM v2 sparse attention's configuration (spec §6.1; infllmv2.c), enabled = 0 for dense attention */
@@ -187,6 +190,7 @@ typedef struct {
     float *sum;   /* per block: scale * sum(q), the input sum as the integer dot sees it */
     float *exact; /* per block: the float input sum (for float zero points) */
     int32_t *correction; /* per block: -(middle code) * sum(q) (2/4 bits; the kernels centre 8-bit codes themselves) */
+    float *xf;           /* exact activations: the input itself, gathered, padded with zeros to whole blocks */
 } ec_act;
 
 static int bytes_per_block(const ec_linear *w) { return w->block * w->bits / 8; }
@@ -313,7 +317,25 @@ static int32_t quantize_block_neon(const float *x, int block, int bits, int8_t *
 }
 #endif
 
+/* Exact activations (ec_linear.exact): no int8 rounding of the input, which int8 activations cost (docs/QUANTIZATION.md,
+ * "Activation precision"). The input is kept as it is (gathered where the linear has an input order), zeros padding
+ * the last block, with its per-block sums in plain order for the zero points and offsets. */
+static void exact_input(const ec_linear *w, const float *x, ec_act *a) {
+    const int block = w->block, blocks = (w->k + block - 1) / block;
+    for (int i = 0; i < w->k; i++) a->xf[i] = w->input_order ? x[w->input_order[i]] : x[i];
+    for (int i = w->k; i < blocks * block; i++) a->xf[i] = 0.f;
+    for (int b = 0; b < blocks; b++) {
+        float total = 0.f;
+        for (int j = 0; j < block; j++) total += a->xf[b * block + j];
+        a->exact[b] = a->sum[b] = total; /* integer zero points' terms multiply it too: no quantized sum exists */
+    }
+}
+
 static void quantize(const ec_linear *w, const float *x_in, float *gathered, ec_act *a) {
+    if (w->exact) {
+        exact_input(w, x_in, a);
+        return;
+    }
     const float *x = x_in;
     if (w->input_order) {
         for (int i = 0; i < w->k; i++) gathered[i] = x_in[w->input_order[i]];
@@ -322,7 +344,7 @@ static void quantize(const ec_linear *w, const float *x_in, float *gathered, ec_
     const int block = w->block, blocks = (w->k + block - 1) / block;
     const int bits = read_bits(w), planes = plane_bits(bits);
     const int per = 8 / planes, chunk = chunk_bytes(block, planes), span = chunk * per;
-    float natural[1024];
+    float natural[EC_MAX_BLOCK];
     for (int b = 0; b < blocks; b++) {
         const int base = b * block, valid = w->k - base < block ? w->k - base : block;
         float amax = 0.f, exact = 0.f;
@@ -894,7 +916,206 @@ static float zero_point_term(const ec_linear *w, int row, const ec_act *a) {
     return total;
 }
 
+/* ---- exact activations: the float input times the dequantized codes ------------------------------------ */
+
+/* One float order on every build, so the vectorised paths' rows equal the portable C's bit for bit: per row and
+ * block, value j's (code - middle) times input j fused into partial sum j mod 4 in increasing j, the partials added as
+ * (0 + 1) + (2 + 3), the block's scale times that fused into the row's total block by block; the zero-point or offset
+ * terms times the exact block sums fused into a second total the same way (exact_offset_term), added last. The
+ * vectorised kernels hold a group's 8 rows in the lanes of a vector, each lane running that loop. */
+#define EC_EXACT_PARTIALS 4
+
+/* A row's zero-point terms or float offsets (one kind per linear) against the exact block sums. */
+static float exact_offset_term(const ec_linear *w, int row, const ec_act *a) {
+    const int blocks = (w->k + w->block - 1) / w->block;
+    const float *terms = w->zero_terms ? w->zero_terms : w->offsets;
+    size_t step = 1;
+#ifdef EC_VECTOR
+    if (w->packed && w->offset_kind) { /* in the interleaved copy: [blocks, 8] after the group's scales */
+        const size_t group_bytes = group_header_bytes(w, blocks) + (size_t)blocks * w->block * w->stream_bits;
+        terms = (const float *)(w->packed + (size_t)(row / 8) * group_bytes + scale_header_bytes(w->scale_format, blocks)) + row % 8;
+        step = 8;
+    } else
+#endif
+    if (terms) terms += (size_t)row * blocks;
+    float total = 0.f;
+    for (int b = 0; terms && b < blocks; b++) total = fmaf(terms[b * step], a->exact[b], total);
+    return total;
+}
+
+/* One block of the stored layout against its inputs x. */
+static float exact_block_portable(const ec_linear *w, const uint8_t *codes, const float *x) {
+    const int per = 8 / w->bits, mask = (1 << w->bits) - 1, middle = 1 << (w->bits - 1);
+    float partial[EC_EXACT_PARTIALS] = {0.f, 0.f, 0.f, 0.f};
+    for (int j = 0; j < w->block; j++) {
+        const int value = ((codes[j / per] >> ((j % per) * w->bits)) & mask) - middle;
+        partial[j % EC_EXACT_PARTIALS] = fmaf(x[j], (float)value, partial[j % EC_EXACT_PARTIALS]);
+    }
+    return (partial[0] + partial[1]) + (partial[2] + partial[3]);
+}
+
+static void exact_rows_portable(const ec_linear *w, int row, int count, const ec_act *a, float *out) {
+    const int blocks = (w->k + w->block - 1) / w->block, bpb = bytes_per_block(w);
+    for (int r = 0; r < count; r++) {
+        float total = 0.f;
+        for (int b = 0; b < blocks; b++) {
+            const size_t at = (size_t)(row + r) * blocks + b;
+            total = fmaf(w->scales[at], exact_block_portable(w, w->codes + at * bpb, a->xf + b * w->block), total);
+        }
+        out[r] = total + exact_offset_term(w, row + r, a);
+    }
+}
+
+#ifdef EC_VECTOR
+/* 8 rows' floats (a group's, one per lane) and 8 rows' 32-bit code words. */
+#ifdef EC_AVX2
+typedef __m256 ec_rows8;
+typedef __m256i ec_words8;
+static inline ec_rows8 rows8_zero(void) { return _mm256_setzero_ps(); }
+static inline ec_rows8 rows8_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void rows8_store(float *p, ec_rows8 v) { _mm256_storeu_ps(p, v); }
+static inline ec_rows8 rows8_add(ec_rows8 a, ec_rows8 b) { return _mm256_add_ps(a, b); }
+static inline ec_rows8 rows8_fma(ec_rows8 a, ec_rows8 b, ec_rows8 c) { return _mm256_fmadd_ps(a, b, c); }
+static inline ec_rows8 rows8_fma1(float a, ec_rows8 b, ec_rows8 c) { return _mm256_fmadd_ps(_mm256_set1_ps(a), b, c); }
+static inline ec_rows8 rows8_half(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline ec_words8 words8_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline ec_words8 words8_field(ec_words8 raw, int shift, int mask) {
+    return _mm256_and_si256(_mm256_srli_epi32(raw, shift), _mm256_set1_epi32(mask));
+}
+static inline ec_words8 words8_add_high(ec_words8 low, ec_words8 high) { return _mm256_add_epi32(low, _mm256_slli_epi32(high, 4)); }
+static inline ec_rows8 words8_values(ec_words8 codes, int middle) {
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(codes, _mm256_set1_epi32(middle)));
+}
+#else
+typedef struct { float32x4_t half[2]; } ec_rows8;
+typedef struct { uint32x4_t half[2]; } ec_words8;
+static inline ec_rows8 rows8_zero(void) { return (ec_rows8){{vdupq_n_f32(0.f), vdupq_n_f32(0.f)}}; }
+static inline ec_rows8 rows8_load(const float *p) { return (ec_rows8){{vld1q_f32(p), vld1q_f32(p + 4)}}; }
+static inline void rows8_store(float *p, ec_rows8 v) { vst1q_f32(p, v.half[0]); vst1q_f32(p + 4, v.half[1]); }
+static inline ec_rows8 rows8_add(ec_rows8 a, ec_rows8 b) {
+    return (ec_rows8){{vaddq_f32(a.half[0], b.half[0]), vaddq_f32(a.half[1], b.half[1])}};
+}
+static inline ec_rows8 rows8_fma(ec_rows8 a, ec_rows8 b, ec_rows8 c) { /* a * b + c, one rounding, as fmaf */
+    return (ec_rows8){{vfmaq_f32(c.half[0], a.half[0], b.half[0]), vfmaq_f32(c.half[1], a.half[1], b.half[1])}};
+}
+static inline ec_rows8 rows8_fma1(float a, ec_rows8 b, ec_rows8 c) {
+    return (ec_rows8){{vfmaq_n_f32(c.half[0], b.half[0], a), vfmaq_n_f32(c.half[1], b.half[1], a)}};
+}
+static inline ec_rows8 rows8_half(const uint16_t *p) {
+    return (ec_rows8){{vcvt_f32_f16(vld1_f16((const float16_t *)p)), vcvt_f32_f16(vld1_f16((const float16_t *)p + 4))}};
+}
+static inline ec_words8 words8_load(const uint8_t *p) { return (ec_words8){{vld1q_u32((const uint32_t *)p), vld1q_u32((const uint32_t *)p + 4)}}; }
+static inline ec_words8 words8_field(ec_words8 raw, int shift, int mask) {
+    const int32x4_t right = vdupq_n_s32(-shift);
+    return (ec_words8){{vandq_u32(vshlq_u32(raw.half[0], right), vdupq_n_u32(mask)),
+                        vandq_u32(vshlq_u32(raw.half[1], right), vdupq_n_u32(mask))}};
+}
+static inline ec_words8 words8_add_high(ec_words8 low, ec_words8 high) {
+    return (ec_words8){{vaddq_u32(low.half[0], vshlq_n_u32(high.half[0], 4)), vaddq_u32(low.half[1], vshlq_n_u32(high.half[1], 4))}};
+}
+static inline ec_rows8 words8_values(ec_words8 codes, int middle) {
+    const int32x4_t m = vdupq_n_s32(middle);
+    return (ec_rows8){{vcvtq_f32_s32(vsubq_s32(vreinterpretq_s32_u32(codes.half[0]), m)),
+                       vcvtq_f32_s32(vsubq_s32(vreinterpretq_s32_u32(codes.half[1]), m))}};
+}
+#endif
+
+/* Values first .. first + span - 1 (exact_span) of one block of a group's interleaved codes as floats (code - middle),
+ * value first + u of the 8 rows in vals[u]. A word's 32-bit lane holds `bits`-bit values in natural order from bit 0
+ * up; a 6-bit block is a 4-bit block of the low bits, then 2-bit words of the high bits of values 16h+2i, 16h+2i+1,
+ * 16h+8+2i, 16h+8+2i+1 in byte i of word h (groups_avx2). */
+static inline int exact_span(const int bits) { return bits == 6 ? 16 : 32 / bits; }
+
+static inline __attribute__((always_inline)) void exact_values(const int bits, const uint8_t *codes, int block, int first,
+                                                               ec_rows8 *vals) {
+    if (bits == 6) {
+        const int h = first / 16;
+        const ec_words8 low[2] = {words8_load(codes + 64 * h), words8_load(codes + 64 * h + 32)};
+        const ec_words8 high = words8_load(codes + (size_t)block / 8 * 32 + 32 * h);
+        for (int u = 0; u < 16; u++) { /* its high bits: byte (u % 8) / 2, pair 2 (u / 8) + u % 2 of the byte */
+            const int field = 4 * ((u % 8) / 2) + 2 * (u / 8) + u % 2;
+            vals[u] = words8_values(words8_add_high(words8_field(low[u / 8], 4 * (u % 8), 15), words8_field(high, 2 * field, 3)), 32);
+        }
+        return;
+    }
+    const int per_word = 32 / bits, mask = (1 << bits) - 1, middle = 1 << (bits - 1);
+    const ec_words8 raw = words8_load(codes + 32 * (first / per_word));
+    for (int v = 0; v < per_word; v++) vals[v] = words8_values(words8_field(raw, bits * v, mask), middle);
+}
+
+/* The block scales of a group's 8 rows (a row scale is every block's). */
+static inline ec_rows8 exact_scales(const ec_linear *w, const uint8_t *header, int b) {
+    if (w->scale_format == EC_SCALES_FP16) return rows8_half((const uint16_t *)header + 8 * b);
+    return rows8_load((const float *)header + (w->scale_format == EC_SCALES_FP32 ? 8 * b : 0));
+}
+
+/* Rows 8 group .. 8 group + count of the interleaved copy for `tokens` tokens (outputs out + t * stride): each span of
+ * values is decoded once (into registers), then met by every token's inputs. */
+static inline __attribute__((always_inline)) void exact_group_bits(const int bits, const ec_linear *w, int group,
+                                                                   const ec_act *acts, const int tokens, float *out,
+                                                                   int stride, int count) {
+    const int block = w->block, blocks = (w->k + block - 1) / block, span = exact_span(bits);
+    const size_t block_bytes = (size_t)block * bits, group_bytes = group_header_bytes(w, blocks) + blocks * block_bytes;
+    const uint8_t *header = w->packed + group * group_bytes, *codes = header + group_header_bytes(w, blocks);
+    ec_rows8 acc[EC_TILE];
+    for (int t = 0; t < tokens; t++) acc[t] = rows8_zero();
+    for (int b = 0; b < blocks; b++) {
+        ec_rows8 partial[EC_TILE][EC_EXACT_PARTIALS];
+        for (int t = 0; t < tokens; t++)
+            for (int p = 0; p < EC_EXACT_PARTIALS; p++) partial[t][p] = rows8_zero();
+        for (int first = 0; first < block; first += span) { /* span is a multiple of EC_EXACT_PARTIALS */
+            ec_rows8 vals[16];
+            exact_values(bits, codes + b * block_bytes, block, first, vals);
+            for (int t = 0; t < tokens; t++) {
+                const float *x = acts[t].xf + b * block + first;
+                for (int u = 0; u < span; u++)
+                    partial[t][u % EC_EXACT_PARTIALS] = rows8_fma1(x[u], vals[u], partial[t][u % EC_EXACT_PARTIALS]);
+            }
+        }
+        const ec_rows8 scale = exact_scales(w, header, b);
+        for (int t = 0; t < tokens; t++)
+            acc[t] = rows8_fma(scale, rows8_add(rows8_add(partial[t][0], partial[t][1]), rows8_add(partial[t][2], partial[t][3])), acc[t]);
+    }
+    for (int t = 0; t < tokens; t++) {
+        float rows[8];
+        rows8_store(rows, acc[t]);
+        for (int r = 0; r < count; r++) out[(size_t)t * stride + r] = rows[r] + exact_offset_term(w, 8 * group + r, &acts[t]);
+    }
+}
+
+/* A decode step's one token as its own copy, whose partial sums stay in registers. */
+#define EC_EXACT_GROUP(bits)                                                                                           \
+    do {                                                                                                               \
+        if (tokens == 1) exact_group_bits(bits, w, group, acts, 1, out, stride, count);                               \
+        else exact_group_bits(bits, w, group, acts, tokens, out, stride, count);                                      \
+    } while (0)
+
+static void exact_group(const ec_linear *w, int group, const ec_act *acts, int tokens, float *out, int stride, int count) {
+    switch (w->stream_bits) {
+    case 2: EC_EXACT_GROUP(2); break;
+    case 4: EC_EXACT_GROUP(4); break;
+    case 6: EC_EXACT_GROUP(6); break;
+    default: EC_EXACT_GROUP(8); break;
+    }
+}
+#endif
+
+/* Rows [row, row + count) of an exact-activation linear for `tokens` tokens (outputs out + t * stride). */
+static void exact_rows(const ec_linear *w, int row, int count, const ec_act *acts, int tokens, float *out, int stride) {
+#ifdef EC_VECTOR
+    if (packed_covers(w, row)) {
+        for (int r = 0; r < count; r += 8) exact_group(w, (row + r) / 8, acts, tokens, out + r, stride, count - r < 8 ? count - r : 8);
+        return;
+    }
+#endif
+    for (int t = 0; t < tokens; t++) exact_rows_portable(w, row, count, &acts[t], out + (size_t)t * stride);
+}
+
 static void quantized_rows(const ec_linear *w, int row, int count, const ec_act *a, float *out) {
+    if (w->exact) {
+        exact_rows(w, row, count, a, 1, out, 0);
+        return;
+    }
     const int blocks = (w->k + w->block - 1) / w->block, bpb = bytes_per_block(w);
     const int explicit_zero = w->zero_terms || w->offsets;
 #ifdef EC_VECTOR
@@ -920,6 +1141,10 @@ static void quantized_rows(const ec_linear *w, int row, int count, const ec_act 
  * codes are read from memory once for all of them, then from cache. */
 static void quantized_rows_tokens(const ec_linear *w, int row, int count, const ec_act *acts, int tokens, float *out,
                                   int stride) {
+    if (w->exact) {
+        exact_rows(w, row, count, acts, tokens, out, stride);
+        return;
+    }
 #ifdef EC_VECTOR
     if (packed_covers(w, row)) {
         const ec_tokens_kernel kernel = tokens_kernel(w);
@@ -1372,7 +1597,7 @@ void ec_state_free(ec_state *st) {
         free(own->residual); free(own->normed); free(own->scores); free(own->s.gathered); free(own->s.partial);
         for (int i = 0; i < EC_TILE; i++) {
             free(own->s.act[i].q); free(own->s.act[i].scale); free(own->s.act[i].sum); free(own->s.act[i].exact);
-            free(own->s.act[i].correction);
+            free(own->s.act[i].correction); free(own->s.act[i].xf);
         }
     }
     free(st->partials); free(st->thread); free(st->qkv); free(st->branch); free(st->gated);
@@ -1415,7 +1640,8 @@ ec_state *ec_state_new(const ec_model *m) {
             a->sum = malloc(sizeof(float) * blocks);
             a->exact = malloc(sizeof(float) * blocks);
             a->correction = malloc(sizeof(int32_t) * blocks);
-            ok = a->q && a->scale && a->sum && a->exact && a->correction;
+            a->xf = malloc(sizeof(float) * wide);
+            ok = a->q && a->scale && a->sum && a->exact && a->correction && a->xf;
         }
     }
     if (!ok) {

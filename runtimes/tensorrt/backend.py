@@ -79,6 +79,7 @@ class TensorRTBackend:
 
         self.bundle = Path(bundle_dir)
         self.record = record
+        self._attention = manifest.graph_attention  # the engine computes what its graph computes
         self._buffers: list[int] = []
         self._host_buffers: list[int] = []
         self._stream = None
@@ -142,6 +143,7 @@ class TensorRTBackend:
     # --- setup ---------------------------------------------------------------------------------------------
     def _load_engine(self, trt, verify: bool):
         from edgecpm.exporters.tensorrt.pin import rebuild_command
+        from edgecpm.exporters.tensorrt.plugins import load_plugin_library
 
         path = self.bundle / self.record.file
         data = path.read_bytes()
@@ -149,6 +151,8 @@ class TensorRTBackend:
             raise BundleError(f"engine file does not match its sha256 in the manifest; rebuild it: "
                               f"{rebuild_command(self.bundle, self.record.device)}", path=path)
         self._logger = trt.Logger(trt.Logger.WARNING)
+        for plugin in self.record.plugins:  # e.g. the InfLLM v2 plugin: registered before the engine that uses it loads
+            load_plugin_library(self.bundle / plugin)
         self._runtime = trt.Runtime(self._logger)
         engine = self._runtime.deserialize_cuda_engine(data)
         if engine is None:
@@ -211,7 +215,8 @@ class TensorRTBackend:
 
     @property
     def kernels(self) -> dict:
-        return {"prefill": "tensorrt", "decode": "tensorrt", "native_unavailable": "the bundle runs on its TensorRT engine"}
+        return {"prefill": "tensorrt", "decode": "tensorrt", "native_unavailable": "the bundle runs on its TensorRT engine",
+                "attention": self._attention}
 
     def prefill(self, token_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
