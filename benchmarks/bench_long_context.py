@@ -7,15 +7,19 @@ The checkpoint is bench_minicpm4_shape.py's (MiniCPM4-0.5B's shapes, LongRoPE to
 weights), exported int4 (RTN, block 32) with max context 32768 and OpenBMB's InfLLM v2 sparse_config for MiniCPM4
 (kernel 32/16, block 64, 1 init block, window 2048, topk 64, dense_len 8192; spec §6.1).
 
-What is measured, per cached length L, in one process, dense and sparse alternating (`--rounds`):
-- decode: tok/s of `--decode-tokens` single-token steps with L tokens already cached;
-- prefill at depth: tok/s of one `--chunk`-token prompt pass whose last token is at position L (the marginal
-  prefill rate at that depth: what each further chunk of a long prompt costs there).
+What is measured, per context length L, in one process, dense and sparse alternating (`--rounds`):
+- decode: tok/s of `--decode-tokens` single-token steps, the last of which makes L tokens;
+- prefill at depth: tok/s of one `--chunk`-token prompt pass just before them (the marginal prefill rate at that
+  depth: what each further chunk of a long prompt costs there).
 The cache is filled with random keys and values instead of by prefilling L tokens first: a decode step's cost
 depends on how many positions it reads, not their values, and a dense 32K prompt on 2 cores takes longer than
 this whole benchmark. The first sparse step compresses the whole filled history once (as the crossing of
 dense_len does); it is a warm-up, not timed. Random weights make block selection arbitrary: the speeds are
 those of the selection and of the blocks read, which is what the roofline counts.
+
+`--llama-gguf` (a Q4_0 GGUF of the same shapes as a Llama, e.g. make_llama_shape_gguf.py's quantized by llama.cpp)
+adds llama.cpp's dense decode at `--peer-lengths`: it cannot start from a filled cache, so it first prefills the
+whole prompt (random token ids; its prefill rate is over the whole prompt, not at depth), then decodes.
 """
 
 from __future__ import annotations
@@ -62,10 +66,11 @@ def fill(backend, length: int, rng: np.random.Generator) -> None:
 
 
 def measure(backend, length: int, decode_tokens: int, chunk: int, rng: np.random.Generator) -> dict:
-    vocab = backend.vocab_size
-    fill(backend, length - chunk, rng)
+    """The prompt chunk ends `decode_tokens` before `length`, the decode steps at it (the last one's total: `length`)."""
+    vocab, start = backend.vocab_size, length - decode_tokens - chunk
+    fill(backend, start, rng)
     backend.decode(int(rng.integers(vocab)))  # warm-up; a sparse backend compresses the filled history here
-    backend.truncate(length - chunk)
+    backend.truncate(start)
     tokens = rng.integers(100, vocab, chunk)
     started = time.perf_counter()
     backend.prefill(tokens)
@@ -86,6 +91,26 @@ def kv_bytes_read(backend, length: int, sparse: bool) -> int:
     return per_position * min(length, blocks * MINICPM4_SPARSE["block_size"]) + backend.decoder.sparse_bytes * length // MAX_CONTEXT
 
 
+def measure_llama_cpp(gguf: Path, length: int, decode_tokens: int, threads: int, rng: np.random.Generator) -> dict:
+    """llama-cpp-python, n_ctx = length, prompt in batches of 512, KV at llama.cpp's default fp16."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=length, n_batch=512, n_ubatch=512, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    try:
+        prompt = rng.integers(100, llm.n_vocab(), length - decode_tokens).tolist()
+        started = time.perf_counter()
+        llm.eval(prompt)
+        prefill = len(prompt) / (time.perf_counter() - started)
+        started = time.perf_counter()
+        for _ in range(decode_tokens - 1):
+            llm.eval([int(rng.integers(100, llm.n_vocab()))])
+        decode = (decode_tokens - 1) / (time.perf_counter() - started)
+    finally:
+        llm.close()
+    return {"prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path("/work/bench_cache"))
@@ -95,6 +120,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write every measurement here")
+    parser.add_argument("--llama-gguf", type=Path, help="llama.cpp's dense decode on this GGUF too (see above)")
+    parser.add_argument("--peer-lengths", default="32768")
     args = parser.parse_args()
 
     from edgecpm.runtimes import load_backend
@@ -134,8 +161,17 @@ def main() -> None:
     first, last = rows[0], rows[-1]
     print(f"sparse decode at {last['length']} vs its own at {first['length']}: "
           f"{first['sparse_decode_tokens_per_second'] / last['sparse_decode_tokens_per_second']:.2f}x slower")
+    peers = {}
+    for length in (int(x) for x in args.peer_lengths.split(",")) if args.llama_gguf else ():
+        peers[length] = measure_llama_cpp(args.llama_gguf, length, args.decode_tokens, args.threads, rng)
+        ours = next((row for row in rows if row["length"] == length), None)
+        ratio = "" if ours is None else (f"; edgecpm sparse / llama.cpp decode: "
+                                         f"{ours['sparse_decode_tokens_per_second'] / peers[length]['decode_tokens_per_second']:.2f}x")
+        print(f"llama.cpp Q4_0, {length} tokens: prefill {peers[length]['prefill_tokens_per_second']:.1f} tok/s "
+              f"(whole prompt), decode {peers[length]['decode_tokens_per_second']:.1f} tok/s{ratio}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "samples": {f"{m}-{n}": s for (m, n), s in samples.items()}}, indent=1))
+        args.json.write_text(json.dumps({"rows": rows, "samples": {f"{m}-{n}": s for (m, n), s in samples.items()},
+                                         "llama_cpp": peers}, indent=1))
 
 
 if __name__ == "__main__":
