@@ -67,9 +67,6 @@ class AttentionChoice:
             recorded = SparseAttentionConfig(**own)
         return self.resolve(recorded)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "overrides": dict(self.overrides)}
-
 
 def reaches_sparse(config: SparseAttentionConfig | None, max_context: int) -> bool:
     """Whether a session of at most `max_context` tokens can run sparse under `config` (None: dense): below dense_len
