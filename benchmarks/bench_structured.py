@@ -105,8 +105,7 @@ def bench_server(bundle: str, tokens: int, runs: int) -> float:
                 time.sleep(0.1)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         rates = []
-        for _ in range(runs + 1):
-            started = time.perf_counter()
+        for _ in range(runs + 1):  # decode rate from the first streamed token on (prefill excluded), first run a warm-up
             first = None
             count = 0
             for chunk in client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=tokens, stream=True,
