@@ -15,7 +15,7 @@ typedef struct {
     int32_t *blocks; /* [EC_TILE, kv_heads, num_blocks]: each token's selected blocks per KV head, ascending */
     int32_t *counts; /* [EC_TILE, kv_heads] */
     int32_t *tokens; /* [EC_TILE, kv_heads]: positions the selection covers (<= the token) */
-    float *scratch;  /* per thread: stage-1 logits, the group's kernel scores, pooled block scores */
+    float *scratch;  /* per thread: stage-1 and coarse logits per query head, their group sum, pooled block scores */
     int32_t *order;  /* per thread: block indices being ranked */
     size_t scratch_floats;
     int num_blocks;
@@ -90,9 +90,9 @@ static void select_best(const float *scores, int32_t *order, int count, int take
 }
 
 /* Stage 1, pooling and selection for the query token at `position` (its q, k, v row `qkv`) and KV head g: writes
- * the selected blocks ascending to `out` and returns how many. */
+ * the selected blocks ascending to `out` and returns how many. `queries`: the thread's [group, head_dim] scratch. */
 static int select_blocks(const ec_model *m, const ec_layer *l, int g, int position, const float *qkv, float *scratch,
-                         int32_t *order, int32_t *out) {
+                         float *queries, int32_t *order, int32_t *out) {
     const ec_sparse *sp = &m->sparse;
     const int d = m->head_dim, group = m->heads / m->kv_heads, length = position + 1;
     const int n1 = kernel_count(length, sp->kernel_size, sp->kernel_stride);
@@ -100,25 +100,21 @@ static int select_blocks(const ec_model *m, const ec_layer *l, int g, int positi
     const int max1 = max_kernels(m, sp->kernel_size, sp->kernel_stride);
     const int max2 = max_kernels(m, 4 * sp->kernel_size, 4 * sp->kernel_stride);
     const int q_block = position / sp->block_size, ratio = sp->block_size / sp->kernel_stride;
-    float *logits = scratch, *coarse = logits + max1, *shared = coarse + max2, *pooled = shared + max1;
-    const float *kc1 = l->kc1 + (size_t)g * max1 * d, *kc2 = l->kc2 + (size_t)g * max2 * d;
+    /* per query head a row of stage-1 logits [max1] and of coarse logits [max2]; then the group's sum and the pool */
+    float *logits = scratch, *coarse = logits + (size_t)group * max1, *shared = coarse + (size_t)group * max2;
+    float *pooled = shared + max1;
+    const int exact = sp->exact_lse || n2 == 0; /* no coarse kernel visible yet: the exact normalizer */
     for (int j = 0; j < n1; j++) shared[j] = 0.f;
-    for (int head = g * group; n1 && head < (g + 1) * group; head++) {
-        float q[512];
-        memcpy(q, qkv + head * d, sizeof(float) * d);
-        if (!sp->use_nope) rotate(q, m->rope_cos + (size_t)position * (m->rotary_dim / 2),
-                                  m->rope_sin + (size_t)position * (m->rotary_dim / 2), m->rotary_dim);
-        key_scores(q, kc1, n1, d, m->attention_scale, logits);
-        float lse;
-        if (sp->exact_lse || n2 == 0) { /* no coarse kernel visible yet: the exact normalizer */
-            memcpy(coarse, logits, sizeof(float) * n1);
-            lse = log_sum_exp(coarse, n1);
-        } else {
-            key_scores(q, kc2, n2, d, m->attention_scale, coarse);
-            lse = log_sum_exp(coarse, n2);
-        }
-        exp_shifted(logits, n1, lse);
-        for (int j = 0; j < n1; j++) shared[j] += logits[j];
+    if (n1) {
+        group_queries(m, g, position, qkv, !sp->use_nope, queries);
+        group_key_scores(m, queries, l->kc1 + (size_t)g * max1 * d, n1, logits, max1);
+        if (!exact) group_key_scores(m, queries, l->kc2 + (size_t)g * max2 * d, n2, coarse, max2);
+    }
+    for (int h = 0; n1 && h < group; h++) {
+        float *row = logits + (size_t)h * max1, *normalizer = coarse + (size_t)h * max2;
+        if (exact) memcpy(normalizer, row, sizeof(float) * n1);
+        exp_shifted(row, n1, log_sum_exp(normalizer, exact ? n1 : n2));
+        for (int j = 0; j < n1; j++) shared[j] += row[j];
     }
     /* max over the kernels overlapping each block: [b*ratio - 1, b*ratio + ratio - 1] */
     for (int b = 0; b <= q_block; b++) {
@@ -158,56 +154,48 @@ static int selected_tokens(const ec_model *m, const int32_t *blocks, int count, 
     return total;
 }
 
+/* The run of consecutive selected positions starting at blocks[*i] (adjacent selected blocks are contiguous in the
+ * cache, the current block ending at the token): its first position, and *i advanced to its last block. */
+static int selected_run(const ec_model *m, const int32_t *blocks, int count, int position, int *i, int *last) {
+    const int B = m->sparse.block_size, first = blocks[*i] * B;
+    *last = first + B < position + 1 ? first + B : position + 1;
+    while (*i + 1 < count && blocks[*i + 1] * B == *last && *last < position + 1) {
+        ++*i;
+        *last = blocks[*i] * B + B < position + 1 ? blocks[*i] * B + B : position + 1;
+    }
+    return first;
+}
+
 /* attend_range over the selected positions: range `split` of `splits` of the `covered` selected positions, read
- * block run by block run (adjacent selected blocks are contiguous in the cache). */
+ * run by run, each once for all of the group's query heads. */
 static void sparse_attend_range(const ec_model *m, const ec_layer *l, int g, int split, int splits, int position,
-                                const float *qkv, const ec_attention *at, float *scores, const int32_t *blocks, int count,
-                                int covered) {
-    const int d = m->head_dim, group = m->heads / m->kv_heads, B = m->sparse.block_size;
+                                const float *qkv, const ec_attention *at, const ec_attend_scratch *scratch,
+                                const int32_t *blocks, int count, int covered) {
+    const int d = m->head_dim, group = m->heads / m->kv_heads;
     const int begin = (int)((long)covered * split / splits), end = (int)((long)covered * (split + 1) / splits);
-    const float *cos = m->rope_cos + (size_t)position * (m->rotary_dim / 2);
-    const float *sin = m->rope_sin + (size_t)position * (m->rotary_dim / 2);
     const float *keys = l->k_cache + (size_t)g * m->max_context * d, *values = l->v_cache + (size_t)g * m->max_context * d;
-    for (int head = g * group; head < (g + 1) * group; head++) {
-        float q[512];
-        memcpy(q, qkv + head * d, sizeof(float) * d);
-        rotate(q, cos, sin, m->rotary_dim);
-        const size_t slot = (size_t)split * m->heads + head;
-        float *out = at->values + slot * d;
-        memset(out, 0, sizeof(float) * d);
-        /* the runs of consecutive positions inside [begin, end) of the selected sequence */
+    const size_t stride = end - begin;
+    float *out = at->values + ((size_t)split * m->heads + g * group) * d;
+    group_queries(m, g, position, qkv, 1, scratch->queries);
+    /* scores over the runs inside [begin, end) of the selected sequence, then values in the same runs */
+    for (int pass = 0; pass < 2; pass++) {
         int seen = 0, filled = 0;
         for (int i = 0; i < count && seen < end; i++) {
-            int first = blocks[i] * B, last = first + B < position + 1 ? first + B : position + 1;
-            while (i + 1 < count && blocks[i + 1] * B == last && last < position + 1) { /* extend over adjacent blocks */
-                i++;
-                last = blocks[i] * B + B < position + 1 ? blocks[i] * B + B : position + 1;
-            }
-            const int run = last - first, lo = begin > seen ? begin - seen : 0, hi = end - seen < run ? end - seen : run;
-            if (hi > lo) {
-                key_scores(q, keys + (size_t)(first + lo) * d, hi - lo, d, m->attention_scale, scores + filled);
-                filled += hi - lo;
-            }
+            int last;
+            const int first = selected_run(m, blocks, count, position, &i, &last), run = last - first;
+            const int lo = begin > seen ? begin - seen : 0, hi = end - seen < run ? end - seen : run;
+            if (hi > lo && pass == 0)
+                group_key_scores(m, scratch->queries, keys + (size_t)(first + lo) * d, hi - lo, scratch->scores + filled,
+                                 stride);
+            if (hi > lo && pass == 1)
+                group_weighted_values(m, scratch->scores + filled, stride, values + (size_t)(first + lo) * d, hi - lo,
+                                      out);
+            filled += hi > lo ? hi - lo : 0;
             seen += run;
         }
-        float top = -INFINITY;
-        for (int t = 0; t < filled; t++) top = scores[t] > top ? scores[t] : top;
-        at->top[slot] = top;
-        at->total[slot] = filled ? exp_shifted(scores, filled, top) : 0.f;
-        /* values in the same runs, weighted by the exponentials just computed */
-        seen = 0, filled = 0;
-        for (int i = 0; i < count && seen < end; i++) {
-            int first = blocks[i] * B, last = first + B < position + 1 ? first + B : position + 1;
-            while (i + 1 < count && blocks[i + 1] * B == last && last < position + 1) {
-                i++;
-                last = blocks[i] * B + B < position + 1 ? blocks[i] * B + B : position + 1;
-            }
-            const int run = last - first, lo = begin > seen ? begin - seen : 0, hi = end - seen < run ? end - seen : run;
-            if (hi > lo) {
-                weighted_values(scores + filled, values + (size_t)(first + lo) * d, hi - lo, d, out);
-                filled += hi - lo;
-            }
-            seen += run;
+        if (pass == 0) {
+            group_softmax(m, g, split, scratch->scores, stride, filled, at);
+            memset(out, 0, sizeof(float) * group * d);
         }
     }
 }
@@ -229,10 +217,10 @@ static int sparse_splits(const ec_model *m, const ec_sparse_state *ss, int t) {
  * l, whose keys and values are stored; `from`: the tokens already compressed. Leaves each token's attention in
  * `out` rows of `stride` floats. */
 static void sparse_attention(const ec_model *m, const ec_layer *l, ec_sparse_state *ss, const ec_attention *buffers,
-                             const float *qkv, size_t qkv_stride, int first, int n, int from, float *scores, float *out,
-                             size_t stride) {
+                             const float *qkv, size_t qkv_stride, int first, int n, int from,
+                             const ec_attend_scratch *scratch, float *out, size_t stride) {
     const int thread = omp_get_thread_num();
-    float *scratch = ss->scratch + (size_t)thread * ss->scratch_floats;
+    float *stage1 = ss->scratch + (size_t)thread * ss->scratch_floats;
     int32_t *order = ss->order + (size_t)thread * ss->num_blocks;
 #pragma omp for schedule(static)
     for (int g = 0; g < m->kv_heads; g++) compress_head(m, l, g, from, first + n);
@@ -240,7 +228,8 @@ static void sparse_attention(const ec_model *m, const ec_layer *l, ec_sparse_sta
     for (int item = 0; item < n * m->kv_heads; item++) {
         const int t = item / m->kv_heads, g = item % m->kv_heads;
         int32_t *blocks = token_blocks(m, ss, t, g);
-        const int count = select_blocks(m, l, g, first + t, qkv + (size_t)t * qkv_stride, scratch, order, blocks);
+        const int count = select_blocks(m, l, g, first + t, qkv + (size_t)t * qkv_stride, stage1, scratch->queries, order,
+                                          blocks);
         ss->counts[item] = count;
         ss->tokens[item] = selected_tokens(m, blocks, count, first + t);
     }
@@ -255,7 +244,7 @@ static void sparse_attention(const ec_model *m, const ec_layer *l, ec_sparse_sta
             const int splits = sparse_splits(m, ss, t), g = item / most_splits;
             if (item % most_splits >= splits) continue;
             const ec_attention at = token_attention(m, buffers, t);
-            sparse_attend_range(m, l, g, item % most_splits, splits, first + t, qkv + (size_t)t * qkv_stride, &at, scores,
+            sparse_attend_range(m, l, g, item % most_splits, splits, first + t, qkv + (size_t)t * qkv_stride, &at, scratch,
                                 token_blocks(m, ss, t, g), ss->counts[t * m->kv_heads + g], ss->tokens[t * m->kv_heads + g]);
         }
     for (int t = 0; t < n; t++) {
@@ -275,8 +264,9 @@ static ec_sparse_state *sparse_state_new(const ec_model *m) {
     if (!ss) return NULL;
     const ec_sparse *sp = &m->sparse;
     ss->num_blocks = (m->max_context + sp->block_size - 1) / sp->block_size;
-    ss->scratch_floats = 2 * (size_t)max_kernels(m, sp->kernel_size, sp->kernel_stride) +
-                         max_kernels(m, 4 * sp->kernel_size, 4 * sp->kernel_stride) + ss->num_blocks + 16;
+    const size_t group = m->heads / m->kv_heads; /* select_blocks' layout */
+    ss->scratch_floats = (group + 1) * max_kernels(m, sp->kernel_size, sp->kernel_stride) +
+                         group * max_kernels(m, 4 * sp->kernel_size, 4 * sp->kernel_stride) + ss->num_blocks + 16;
     ss->blocks = malloc(sizeof(int32_t) * EC_TILE * m->kv_heads * ss->num_blocks);
     ss->counts = malloc(sizeof(int32_t) * EC_TILE * m->kv_heads);
     ss->tokens = malloc(sizeof(int32_t) * EC_TILE * m->kv_heads);

@@ -1421,7 +1421,20 @@ static float exp_shifted(float *scores, int count, float top) {
 static void weighted_values(const float *p, const float *values, int count, int d, float *out) {
     int i = 0;
 #ifdef EC_AVX2
-    for (; i + 32 <= d; i += 32) { /* four accumulators stay in registers across all positions */
+    /* Accumulators stay in registers across all positions, eight where the head is that wide: eight independent
+     * chains of one fused multiply-add per position keep both FMA units busy (four leave them half idle). Each
+     * output lane still sums its positions in order, so the width changes no result. */
+    for (; i + 64 <= d; i += 64) {
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_loadu_ps(out + i + 8 * j);
+        for (int t = 0; t < count; t++) {
+            const float *v = values + (size_t)t * d + i;
+            const __m256 pt = _mm256_set1_ps(p[t]);
+            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 8 * j), a[j]);
+        }
+        for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + i + 8 * j, a[j]);
+    }
+    for (; i + 32 <= d; i += 32) {
         __m256 a0 = _mm256_loadu_ps(out + i), a1 = _mm256_loadu_ps(out + i + 8);
         __m256 a2 = _mm256_loadu_ps(out + i + 16), a3 = _mm256_loadu_ps(out + i + 24);
         for (int t = 0; t < count; t++) {
@@ -1493,30 +1506,78 @@ static ec_attention token_attention(const ec_model *m, const ec_attention *at, i
     return (ec_attention){at->values + slots * m->head_dim, at->top + slots, at->total + slots};
 }
 
-/* `scores`: the calling thread's scratch of max_context floats. `store`: write the token's key and value first
- * (decode; a prefill pass stores all of its tokens' before any attends). */
+/* A thread's attention scratch: `scores` [group, max_context], a row per query head of one KV group, and `queries`
+ * [group, head_dim], their rotated queries. */
+typedef struct {
+    float *scores, *queries;
+} ec_attend_scratch;
+
+/* The group's query heads are served together: keys and values are read in chunks of EC_KV_CHUNK positions, each
+ * chunk once for all of the group's heads while it is in L1/L2, where a head after head would bring the whole range
+ * back from L3 or memory once per head (what bounded long-context decode). A multiple of 8: key_scores groups rows
+ * by eight from a call's start, so every score and every sum comes out as one call over the whole range gives. */
+#define EC_KV_CHUNK 128
+
+/* queries [group, d] = the group's query heads from the qkv row, rotated to `position` where `rotated` */
+static void group_queries(const ec_model *m, int g, int position, const float *qkv, int rotated, float *queries) {
+    const int d = m->head_dim, group = m->heads / m->kv_heads;
+    memcpy(queries, qkv + (size_t)g * group * d, sizeof(float) * group * d);
+    for (int h = 0; rotated && h < group; h++)
+        rotate(queries + (size_t)h * d, m->rope_cos + (size_t)position * (m->rotary_dim / 2),
+               m->rope_sin + (size_t)position * (m->rotary_dim / 2), m->rotary_dim);
+}
+
+/* scores[h * stride + t] = scale * queries[h] . keys[t] for the group's heads h and t < count */
+static void group_key_scores(const ec_model *m, const float *queries, const float *keys, int count, float *scores,
+                             size_t stride) {
+    const int d = m->head_dim, group = m->heads / m->kv_heads;
+    for (int c = 0; c < count; c += EC_KV_CHUNK) {
+        const int n = count - c < EC_KV_CHUNK ? count - c : EC_KV_CHUNK;
+        for (int h = 0; h < group; h++)
+            key_scores(queries + (size_t)h * d, keys + (size_t)c * d, n, d, m->attention_scale, scores + h * stride + c);
+    }
+}
+
+/* out[h] += sum over t < count of p[h * stride + t] * values[t], for the group's heads h (rows of d floats) */
+static void group_weighted_values(const ec_model *m, const float *p, size_t stride, const float *values, int count,
+                                  float *out) {
+    const int d = m->head_dim, group = m->heads / m->kv_heads;
+    for (int c = 0; c < count; c += EC_KV_CHUNK) {
+        const int n = count - c < EC_KV_CHUNK ? count - c : EC_KV_CHUNK;
+        for (int h = 0; h < group; h++)
+            weighted_values(p + h * stride + c, values + (size_t)c * d, n, d, out + (size_t)h * d);
+    }
+}
+
+/* The group's softmax statistics over `count` scores per head (rows of `stride`): each row becomes exp(score - top),
+ * and the slots of the range `split` get its top and total. */
+static void group_softmax(const ec_model *m, int g, int split, float *scores, size_t stride, int count,
+                          const ec_attention *at) {
+    const int group = m->heads / m->kv_heads;
+    for (int h = 0; h < group; h++) {
+        float *row = scores + h * stride, top = -INFINITY;
+        for (int t = 0; t < count; t++) top = row[t] > top ? row[t] : top;
+        const size_t slot = (size_t)split * m->heads + g * group + h;
+        at->top[slot] = top;
+        at->total[slot] = count ? exp_shifted(row, count, top) : 0.f;
+    }
+}
+
+/* `store`: write the token's key and value first (decode; a prefill pass stores all of its tokens' before any
+ * attends). */
 static void attend_range(const ec_model *m, const ec_layer *l, int g, int split, int splits, int position,
-                         const float *qkv, const ec_attention *at, float *scores, int store) {
+                         const float *qkv, const ec_attention *at, const ec_attend_scratch *scratch, int store) {
     const int d = m->head_dim, group = m->heads / m->kv_heads, length = position + 1;
     const int begin = (int)((long)length * split / splits), end = (int)((long)length * (split + 1) / splits);
     if (store && end == length) store_kv(m, l, g, position, qkv);
-    const float *cos = m->rope_cos + (size_t)position * (m->rotary_dim / 2);
-    const float *sin = m->rope_sin + (size_t)position * (m->rotary_dim / 2);
     const float *keys = l->k_cache + ((size_t)g * m->max_context + begin) * d;
     const float *values = l->v_cache + ((size_t)g * m->max_context + begin) * d;
-    for (int head = g * group; head < (g + 1) * group; head++) {
-        float q[512];
-        memcpy(q, qkv + head * d, sizeof(float) * d);
-        rotate(q, cos, sin, m->rotary_dim);
-        float top = -INFINITY;
-        key_scores(q, keys, end - begin, d, m->attention_scale, scores);
-        for (int t = 0; t < end - begin; t++) top = scores[t] > top ? scores[t] : top;
-        const size_t slot = (size_t)split * m->heads + head;
-        at->top[slot] = top;
-        at->total[slot] = exp_shifted(scores, end - begin, top);
-        memset(at->values + slot * d, 0, sizeof(float) * d);
-        weighted_values(scores, values, end - begin, d, at->values + slot * d);
-    }
+    float *out = at->values + ((size_t)split * m->heads + g * group) * d;
+    group_queries(m, g, position, qkv, 1, scratch->queries);
+    group_key_scores(m, scratch->queries, keys, end - begin, scratch->scores, end - begin);
+    group_softmax(m, g, split, scratch->scores, end - begin, end - begin, at);
+    memset(out, 0, sizeof(float) * group * d);
+    group_weighted_values(m, scratch->scores, end - begin, values, end - begin, out);
 }
 
 /* out [heads, head_dim] = softmax-weighted values, merged over the position ranges */
@@ -1544,7 +1605,8 @@ static void combine_attention(const ec_model *m, const ec_attention *at, int spl
 /* Within the team's parallel region: dense attention of `n` prompt tokens at positions [first, first + n) of layer l,
  * whose keys and values are stored; each token's attention into `out` rows of `stride` floats. */
 static void dense_prefill_attention(const ec_model *m, const ec_layer *l, const ec_attention *buffers, const float *qkv,
-                                    size_t qkv_stride, int first, int n, float *scores, float *out, size_t stride) {
+                                    size_t qkv_stride, int first, int n, const ec_attend_scratch *scratch, float *out,
+                                    size_t stride) {
     /* Each token split as its decode step would be, so a prompt leaves the cache and logits that
      * decoding it token by token does, bit for bit. An item is one (KV group, range index) for every
      * token of the pass: the tokens' ranges nearly coincide, so the keys and values one token reads
@@ -1557,7 +1619,7 @@ static void dense_prefill_attention(const ec_model *m, const ec_layer *l, const 
             if (item % most_splits >= splits) continue;
             const ec_attention at = token_attention(m, buffers, t);
             attend_range(m, l, item / most_splits, item % most_splits, splits, first + t, qkv + (size_t)t * qkv_stride,
-                         &at, scores, 0);
+                         &at, scratch, 0);
         }
     for (int t = 0; t < n; t++) {
         const ec_attention at = token_attention(m, buffers, t);
@@ -1577,7 +1639,7 @@ static size_t widest_input(const ec_model *m) {
 /* Buffers of one decoder, allocated once (ec_state_new): shared between threads, then one scratch per thread. */
 typedef struct {
     float *residual, *normed; /* [EC_TILE, hidden], [EC_TILE, widest_input] */
-    float *scores;            /* [max_context] */
+    ec_attend_scratch attend;
     ec_scratch s;
 } ec_thread;
 
@@ -1594,7 +1656,8 @@ void ec_state_free(ec_state *st) {
     if (!st) return;
     for (int t = 0; st->thread && t < st->threads; t++) {
         ec_thread *own = &st->thread[t];
-        free(own->residual); free(own->normed); free(own->scores); free(own->s.gathered); free(own->s.partial);
+        free(own->residual); free(own->normed); free(own->attend.scores); free(own->attend.queries);
+        free(own->s.gathered); free(own->s.partial);
         for (int i = 0; i < EC_TILE; i++) {
             free(own->s.act[i].q); free(own->s.act[i].scale); free(own->s.act[i].sum); free(own->s.act[i].exact);
             free(own->s.act[i].correction); free(own->s.act[i].xf);
@@ -1628,11 +1691,12 @@ ec_state *ec_state_new(const ec_model *m) {
         ec_thread *own = &st->thread[t];
         own->residual = malloc(sizeof(float) * EC_TILE * m->hidden);
         own->normed = malloc(sizeof(float) * EC_TILE * wide);
-        own->scores = malloc(sizeof(float) * m->max_context);
+        own->attend.scores = malloc(sizeof(float) * (m->heads / m->kv_heads) * m->max_context);
+        own->attend.queries = malloc(sizeof(float) * m->heads * m->head_dim);
         own->s.gathered = malloc(sizeof(float) * wide);
         own->s.partial = st->partials[t] = malloc(sizeof(float) * widest_output);
         own->s.partials = st->partials;
-        ok = own->residual && own->normed && own->scores && own->s.gathered && own->s.partial;
+        ok = own->residual && own->normed && own->attend.scores && own->attend.queries && own->s.gathered && own->s.partial;
         for (int i = 0; ok && i < EC_TILE; i++) {
             ec_act *a = &own->s.act[i];
             a->q = malloc(wide);
@@ -1752,13 +1816,13 @@ int ec_decode(const ec_model *m, ec_state *st, int token, int position, float *l
             if (sparse) {
 #pragma omp for schedule(static)
                 for (int g = 0; g < m->kv_heads; g++) store_kv(m, l, g, position, st->qkv);
-                sparse_attention(m, l, st->sparse, &st->attention, st->qkv, 0, position, 1, compressed, own->scores, h, 0);
+                sparse_attention(m, l, st->sparse, &st->attention, st->qkv, 0, position, 1, compressed, &own->attend, h, 0);
             } else {
                 ec_attention *at = &st->attention;
                 const int splits = attention_splits(m, position);
 #pragma omp for schedule(dynamic, 1)
                 for (int item = 0; item < m->kv_heads * splits; item++)
-                    attend_range(m, l, item / splits, item % splits, splits, position, st->qkv, at, own->scores, 1);
+                    attend_range(m, l, item / splits, item % splits, splits, position, st->qkv, at, &own->attend, 1);
                 combine_attention(m, at, splits, h); /* every thread, into its own buffer: no barrier */
             }
             EC_PHASE(EC_PHASE_ATTENTION);
@@ -1835,9 +1899,9 @@ int ec_prefill(const ec_model *m, ec_state *st, const int32_t *tokens, int count
                     store_kv(m, l, item % m->kv_heads, first + item / m->kv_heads, st->qkv + (size_t)(item / m->kv_heads) * Q);
                 if (sparse)
                     sparse_attention(m, l, st->sparse, &st->attention, st->qkv, Q, first, n,
-                                     start ? first : st->sparse->summarized, own->scores, h, wide);
+                                     start ? first : st->sparse->summarized, &own->attend, h, wide);
                 else
-                    dense_prefill_attention(m, l, &st->attention, st->qkv, Q, first, n, own->scores, h, wide);
+                    dense_prefill_attention(m, l, &st->attention, st->qkv, Q, first, n, &own->attend, h, wide);
                 quantize_tokens(&l->o, h, wide, n, s);
                 linear_team_tokens(&l->o, s, n, st->threads, st->branch, H);
                 for (int t = 0; t < n; t++) {
