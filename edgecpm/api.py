@@ -30,6 +30,7 @@ from edgecpm.bundle import CHAT_TEMPLATE_NAME, TOKENIZER_NAME, Manifest, read_ma
 from edgecpm.control import CancelCheck, CancelToken, Interrupt, RequestQueue
 from edgecpm.errors import GenerationError
 from edgecpm.generate import GenerationEvent, GenerationSettings, KVSession, final_result, generate_steps
+from edgecpm.runtimes.kv import KV_CACHES
 from edgecpm.structured import ConstraintCompiler, ResponseFormat
 
 if TYPE_CHECKING:
@@ -42,13 +43,14 @@ Messages = Sequence[Mapping[str, Any]]
 
 
 def load(path: str | Path, *, threads: int | None = None, kernels: str | None = None, attention: str | None = None,
-         sparse_config: Mapping[str, Any] | None = None) -> Engine:
+         sparse_config: Mapping[str, Any] | None = None, kv_cache: str | None = None) -> Engine:
     """Reads a bundle's manifest, tokenizer and chat template; the runtime session starts on first use.
 
     `kernels`: who runs the bundle, "auto" (default, or $EDGECPM_KERNELS), "tensorrt", "native", "native-exact" (float
     activations instead of int8 ones) or "onnxruntime" (chosen in one place: edgecpm.runtimes.select). `attention`: "auto" (default: the bundle's recorded choice),
     "dense" or "sparse" (InfLLM v2, on the native kernels); `sparse_config`: sparse_config fields to set or override,
-    e.g. {"dense_len": 1024} (edgecpm.sparse.choice)."""
+    e.g. {"dense_len": 1024} (edgecpm.sparse.choice). `kv_cache`: "float32" (default) or "float16" (half the KV memory,
+    on the native kernels; edgecpm.runtimes.select)."""
     from edgecpm.chat_template import ChatTemplate
     from edgecpm.text import TextTokenizer
 
@@ -57,6 +59,8 @@ def load(path: str | Path, *, threads: int | None = None, kernels: str | None = 
     bundle = Path(path)
     manifest = read_manifest(bundle)
     choice = AttentionChoice(attention or "auto", dict(sparse_config or {})).validate()
+    if kv_cache is not None and kv_cache not in KV_CACHES:
+        raise GenerationError(f"unknown KV cache {kv_cache!r} (choose from {', '.join(KV_CACHES)})")
     tokenizer = TextTokenizer.from_file(bundle / manifest.tokenizer.get("file", TOKENIZER_NAME), manifest.tokenizer)
     template_name = manifest.tokenizer.get("chat_template_file", CHAT_TEMPLATE_NAME)
     template_path = bundle / template_name if template_name else None
@@ -68,7 +72,7 @@ def load(path: str | Path, *, threads: int | None = None, kernels: str | None = 
     def start_backend() -> Backend:
         from edgecpm.runtimes import load_backend
 
-        return load_backend(bundle, manifest, threads=threads, kernels=kernels, attention=choice)
+        return load_backend(bundle, manifest, threads=threads, kernels=kernels, attention=choice, kv_cache=kv_cache)
 
     return Engine(manifest, tokenizer, template, backend=start_backend)
 

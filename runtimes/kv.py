@@ -16,15 +16,17 @@ from edgecpm.bundle import Manifest
 from edgecpm.errors import BundleError, GenerationError
 
 KV_MODES = ("shared_buffer", "append")
+KV_CACHES = ("float32", "float16")  # what a cache may store (runtimes/select.py: half floats are the native kernels')
 
 
 class HostKV:
-    def __init__(self, manifest: Manifest, *, path: str | Path | None = None):
+    def __init__(self, manifest: Manifest, *, path: str | Path | None = None, dtype: type | None = None):
+        """`dtype`: what the buffers hold, where a backend that owns them alone chooses (default: the layout's)."""
         layout = manifest.kv_layout
         if layout.get("mode") not in KV_MODES:
             raise BundleError(f"unknown KV layout mode {layout.get('mode')!r}", path=path, field="kv_layout.mode")
         self.mode = layout["mode"]
-        self.dtype = np.dtype(layout["dtype"])
+        self.dtype = np.dtype(dtype or layout["dtype"])
         self.tensors = layout["tensors"]
         self.max_context = int(manifest.max_context)
         self.arrays = [np.zeros(tensor["shape"], self.dtype) for tensor in self.tensors]

@@ -28,6 +28,7 @@ from edgecpm.runtimes import load_backend
 from edgecpm.runtimes.native.build import TARGET_ENV
 from edgecpm.runtimes.native.decoder import PORTABLE_ENV
 from emulated_decode import PROMPT
+from test_native_kv_half import assert_conversions_are_numpys
 from gguf_writer import Q, write_gguf
 from tiny_models import write_hf_checkpoint
 
@@ -128,8 +129,15 @@ def test_each_arm_isa_level_equals_the_portable_path_bit_for_bit(emulated, bundl
     float weights; so do the exact-activation kernels (float inputs times codes decoded in the lanes)."""
     for bundle in bundles:
         reference, got = saved(emulated["portable"], bundle), saved(emulated[level], bundle)
-        for name in ("logits", "kv", "exact_logits", "exact_kv"):
+        for name in ("logits", "kv", "exact_logits", "exact_kv", "half_logits", "half_kv"):
             np.testing.assert_array_equal(got[name], reference[name], err_msg=f"{bundle.name} {name}")
+
+
+def test_half_cache_conversions_on_every_arm_level(emulated):
+    """NEON's vcvt (and the portable build's own rounding) are numpy's binary16, ties to even, at every level."""
+    for level in LEVELS:
+        with np.load(emulated[level] / "conversions.npz") as data:
+            assert_conversions_are_numpys({name: data[name] for name in data.files})
 
 
 def test_arm_portable_path_is_x86s_and_onnxruntimes(emulated, bundles):

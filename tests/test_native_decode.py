@@ -342,7 +342,8 @@ def test_auto_decodes_natively_unless_told_otherwise(workdir, monkeypatch):
     assert not any(getattr(kernel_decoder(quantized)._model.layer[0], role).exact for role in ("qkv", "o", "gate_up", "down"))
     dense = load_backend(export(source, workdir / "auto-fp32", None))
     # fp32: the kernels decode, onnxruntime prefills (MLAS's GEMM), both from one memory-mapped copy
-    assert dense.kernels == {"prefill": "onnxruntime", "decode": "native", "native_unavailable": None, "attention": "dense"}
+    assert dense.kernels == {"prefill": "onnxruntime", "decode": "native", "native_unavailable": None, "attention": "dense",
+                             "kv_cache": "float32"}
     assert kernel_decoder(dense).in_place_tensors()
     asymmetric = load_backend(export(source, workdir / "auto-int4-asym", SCHEMES["int4-asym"]))
     assert kernel_decoder(asymmetric) is not None and isinstance(asymmetric, NativeBackend)  # zero points stream with the codes

@@ -14,7 +14,7 @@ import typer
 
 from edgecpm.cli import app
 from edgecpm.cli.options import (
-    ATTENTION, BUNDLE, KERNELS, MAX_NEW_TOKENS, REPETITION_PENALTY, SEED, STOP, SYSTEM, TEMPERATURE, THREADS, TOP_K, TOP_P,
+    ATTENTION, BUNDLE, KERNELS, KV_CACHE, MAX_NEW_TOKENS, REPETITION_PENALTY, SEED, STOP, SYSTEM, TEMPERATURE, THREADS, TOP_K, TOP_P,
     SPARSE_CONFIG, attention_choice, existing_path, generation_options,
 )
 
@@ -36,6 +36,7 @@ def chat(
     kernels: str | None = KERNELS,
     attention: str | None = ATTENTION,
     sparse_config: list[str] | None = SPARSE_CONFIG,
+    kv_cache: str | None = KV_CACHE,
     speed: bool = typer.Option(False, "--speed", help="Print prefill and decode speeds after each answer."),
 ) -> None:
     """Chat with a bundle; earlier turns stay in the KV cache."""
@@ -47,7 +48,8 @@ def chat(
 
     console = Console(stderr=True)
     choice = attention_choice(attention, sparse_config)
-    engine = load(existing_path(bundle), threads=threads, kernels=kernels, attention=choice.mode, sparse_config=choice.overrides)
+    engine = load(existing_path(bundle), threads=threads, kernels=kernels, attention=choice.mode, sparse_config=choice.overrides,
+                  kv_cache=kv_cache)
     options = generation_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                  repetition_penalty=repetition_penalty, seed=seed, stop=stop)
     engine.settings(**options)  # bad values fail now, not after the first message

@@ -23,6 +23,8 @@ KERNELS = typer.Option(None, "--kernels", help="Who runs the bundle: auto (its T
 ATTENTION = typer.Option(None, "--attention", help="auto (the model's own choice: InfLLM v2 sparse attention where it has a "
                          "sparse_config, dense below its dense_len), dense, or sparse (on the native kernels) [default: auto]",
                          show_default=False)
+KV_CACHE = typer.Option(None, "--kv-cache", help="What the KV cache stores: float32, or float16 (half the memory, so twice "
+                        "the context in a budget; native kernels) [default: float32]", show_default=False)
 SPARSE_CONFIG = typer.Option(None, "--sparse-config", help="Set or override a sparse_config field, KEY=VALUE (e.g. "
                              "dense_len=1024, topk=32), or a JSON file of them; repeatable.", show_default=False)
 SYSTEM = typer.Option(None, "--system", help="A system message placed before the conversation.")

@@ -10,7 +10,7 @@ import typer
 
 from edgecpm.cli import app
 from edgecpm.cli.options import (
-    ATTENTION, BUNDLE, JSON_OUTPUT, KERNELS, MAX_NEW_TOKENS, REPETITION_PENALTY, SEED, STOP, SYSTEM, TEMPERATURE, THREADS, TOP_K,
+    ATTENTION, BUNDLE, JSON_OUTPUT, KERNELS, KV_CACHE, MAX_NEW_TOKENS, REPETITION_PENALTY, SEED, STOP, SYSTEM, TEMPERATURE, THREADS, TOP_K,
     TOP_P, SPARSE_CONFIG, attention_choice, existing_path, generation_options,
 )
 
@@ -49,6 +49,7 @@ def run(
     kernels: str | None = KERNELS,
     attention: str | None = ATTENTION,
     sparse_config: list[str] | None = SPARSE_CONFIG,
+    kv_cache: str | None = KV_CACHE,
     json_output: bool = JSON_OUTPUT,
 ) -> None:
     """Generate one answer for a prompt, streaming it to stdout; speeds go to stderr."""
@@ -56,7 +57,8 @@ def run(
     from edgecpm.cli.streaming import print_stream, speed_line
 
     choice = attention_choice(attention, sparse_config)
-    engine = load(existing_path(bundle), threads=threads, kernels=kernels, attention=choice.mode, sparse_config=choice.overrides)
+    engine = load(existing_path(bundle), threads=threads, kernels=kernels, attention=choice.mode, sparse_config=choice.overrides,
+                  kv_cache=kv_cache)
     options = generation_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                  repetition_penalty=repetition_penalty, seed=seed, stop=stop, truncate=truncate)
     events = engine.stream(read_prompt(prompt), system=system, raw=raw, **options)

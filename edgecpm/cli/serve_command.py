@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from edgecpm.cli import app
-from edgecpm.cli.options import BUNDLE, KERNELS, THREADS, existing_path
+from edgecpm.cli.options import BUNDLE, KERNELS, KV_CACHE, THREADS, existing_path
 
 
 @app.command()
@@ -28,6 +28,7 @@ def serve(
                                           "included; then it ends with finish_reason 'time'."),
     threads: int | None = THREADS,
     kernels: str | None = KERNELS,
+    kv_cache: str | None = KV_CACHE,
 ) -> None:
     """Serve a bundle over HTTP: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
     from edgecpm.optional import require
@@ -39,7 +40,7 @@ def serve(
     config = ServeConfig(existing_path(bundle), host=host, port=port, api_key=api_key or os.environ.get("EDGECPM_API_KEY"),
                          model_name=model_name, max_queue=max_queue, max_tokens_limit=max_tokens,
                          max_body_bytes=max_body_bytes, request_timeout=request_timeout, threads=threads, kernels=kernels,
-                         debug=debug).validate()
+                         kv_cache=kv_cache, debug=debug).validate()
     from edgecpm.serve.app import serve as run_server
 
     run_server(config)

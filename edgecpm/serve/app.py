@@ -138,7 +138,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> Starlette:
     if engine is None:
         from edgecpm.api import load
 
-        engine = load(config.bundle, threads=config.threads, kernels=config.kernels)
+        engine = load(config.bundle, threads=config.threads, kernels=config.kernels, kv_cache=config.kv_cache)
     server = Server(config, engine)
 
     @asynccontextmanager

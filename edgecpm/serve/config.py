@@ -29,6 +29,7 @@ class ServeConfig:
     request_timeout: float | None = 300.0  # seconds one request may take, queueing included (finish_reason "time")
     threads: int | None = None
     kernels: str | None = None
+    kv_cache: str | None = None
     debug: bool = False
 
     @property

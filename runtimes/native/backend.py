@@ -22,26 +22,29 @@ from edgecpm.runtimes.native.decoder import EXACT_DEFAULT, native_decoder
 class NativeBackend:
     """Raises KernelsUnavailable (with the reason) where the kernels do not implement the bundle;
     `only_if_faster` also refuses bundles they implement but run slower than onnxruntime; `exact`: the linear roles
-    that take exact (float) activations instead of int8 ones (decoder.LINEAR_ROLES)."""
+    that take exact (float) activations instead of int8 ones (decoder.LINEAR_ROLES); `kv_cache`: what its KV cache
+    stores (runtimes.kv.KV_CACHES)."""
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest, *, threads: int | None = None,
-                 only_if_faster: bool = False, kv: HostKV | None = None, sparse: SparseAttentionConfig | None = None,
-                 exact: frozenset[str] = EXACT_DEFAULT):
+                 only_if_faster: bool = False, sparse: SparseAttentionConfig | None = None,
+                 exact: frozenset[str] = EXACT_DEFAULT, kv_cache: str = "float32"):
         self.max_context = int(manifest.max_context)
         self.vocab_size = int(manifest.architecture["vocab_size"])
-        self._kv, self._manifest, self._path = kv, manifest, Path(bundle_dir)
+        self._kv: HostKV | None = None
+        self._manifest, self._path = manifest, Path(bundle_dir)
         # native_decoder checks the bundle (the KV layout a shared buffer among them) before it asks for the buffers
         self.decoder = native_decoder(Path(bundle_dir), manifest, self._kv_pointers, threads or physical_cores(),
-                                      only_if_faster=only_if_faster, sparse=sparse, exact=exact)
+                                      only_if_faster=only_if_faster, sparse=sparse, exact=exact,
+                                      kv_cache=kv_cache)
         self.prefills = self.decoder.prefills
         self.kernels = {"prefill": "native", "decode": "native", "native_unavailable": None,
                         "attention": "dense" if sparse is None else "sparse", "isa": self.decoder.isa,
-                        "activations": self.decoder.activations}
+                        "activations": self.decoder.activations, "kv_cache": self._kv.dtype.name}
         self._logits = np.zeros((1, self.vocab_size), np.float32)
 
-    def _kv_pointers(self) -> list[int]:
+    def _kv_pointers(self, dtype: type) -> list[int]:
         if self._kv is None:
-            self._kv = HostKV(self._manifest, path=self._path)
+            self._kv = HostKV(self._manifest, path=self._path, dtype=dtype)
         return [array.ctypes.data for array in self._kv.arrays]
 
     @property

@@ -128,6 +128,9 @@ def _build_and_load(extra_flags: list[str]) -> ctypes.CDLL:
         for name in ("ec_forget", "ec_call_length"):
             getattr(library, name).restype = None
             getattr(library, name).argtypes = [ctypes.c_void_p, ctypes.c_int]
+        for name in ("ec_floats_to_halves", "ec_halves_to_floats"):
+            getattr(library, name).restype = None
+            getattr(library, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
         library.ec_can_prefill.restype = ctypes.c_int
         library.ec_can_prefill.argtypes = [ctypes.c_void_p]
         library.ec_vectorised.restype = ctypes.c_int

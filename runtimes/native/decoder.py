@@ -23,6 +23,7 @@ from edgecpm.arch.base import SparseAttentionConfig
 from edgecpm.bundle import Manifest
 from edgecpm.errors import GenerationError
 from edgecpm.quant.formats import unpack_low_first
+from edgecpm.runtimes.kv import KV_CACHES
 from edgecpm.runtimes.native.build import PHASE_TIMER_FLAGS, PORTABLE_FLAGS, KernelsUnavailable, load_library
 from edgecpm.sparse.infllmv2 import SparseGeometry, kernel_count
 
@@ -76,7 +77,8 @@ class Sparse(ctypes.Structure):
 
 class Model(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int32) for name in ("hidden", "layers", "heads", "kv_heads", "head_dim", "rotary_dim",
-                                                    "intermediate", "vocab", "max_context", "threads", "activation")]
+                                                    "intermediate", "vocab", "max_context", "threads", "activation",
+                                                    "kv_half")]
     _fields_ += [(name, ctypes.c_float) for name in ("activation_param", "eps", "attention_scale", "embedding_scale")]
     _fields_ += [("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p), ("table", Linear), ("head", Linear),
                  ("final_norm", ctypes.c_void_p), ("layer", ctypes.POINTER(Layer)), ("sparse", Sparse)]
@@ -279,7 +281,7 @@ def _check(manifest: Manifest) -> None:
             raise KernelsUnavailable(reason)
 
 
-def _layers(weights: _Weights, arch: dict, kv: Sequence[int]) -> ctypes.Array:
+def _layers(weights: _Weights, arch: dict) -> ctypes.Array:
     h, inter, d = arch["hidden_size"], arch["intermediate_size"], arch["head_dim"]
     heads, kv_heads = arch["num_attention_heads"], arch["num_key_value_heads"]
     layers = (Layer * arch["num_hidden_layers"])()
@@ -291,7 +293,6 @@ def _layers(weights: _Weights, arch: dict, kv: Sequence[int]) -> ctypes.Array:
         layer.o = weights.linear(f"{p}self_attn.o", heads * d, h)
         layer.gate_up = weights.linear(f"{p}mlp.gate_up", h, 2 * inter)
         layer.down = weights.linear(f"{p}mlp.down", inter, h)
-        layer.k_cache, layer.v_cache = kv[2 * i], kv[2 * i + 1]
     return layers
 
 
@@ -372,34 +373,38 @@ def _check_faster(manifest: Manifest, library: ctypes.CDLL) -> None:
         raise KernelsUnavailable("no vectorised kernels for this CPU (the portable C path is slower than onnxruntime)")
 
 
-def sparse_state(arch: dict, max_context: int, sparse: SparseAttentionConfig | None) -> tuple[Sparse, list[list[np.ndarray]]]:
+def sparse_state(arch: dict, max_context: int, sparse: SparseAttentionConfig | None,
+                 kv_dtype: type = np.float32) -> tuple[Sparse, list[list[np.ndarray]]]:
     """kernels.c's ec_sparse and per layer the buffers of its InfLLM v2 state (Kc1, Kc2 and under use_nope the keys
-    before RoPE), allocated at max context; dense attention: ec_sparse disabled, no buffers."""
+    before RoPE, as the KV cache stores keys: `kv_dtype`), allocated at max context; dense attention: ec_sparse
+    disabled, no buffers."""
     if sparse is None:
         return Sparse(enabled=0), []
     g = SparseGeometry.of(sparse)
     kv_heads, d = arch["num_key_value_heads"], arch["head_dim"]
 
-    def zeros(rows: int) -> np.ndarray:
-        return np.zeros((kv_heads, max(rows, 1), d), np.float32)
+    def zeros(rows: int, dtype: type = np.float32) -> np.ndarray:
+        return np.zeros((kv_heads, max(rows, 1), d), dtype)
 
     buffers = [[zeros(kernel_count(max_context, g.kernel_size, g.kernel_stride)),
                 zeros(kernel_count(max_context, g.kernel_size2, g.kernel_stride2))]
-               + ([zeros(max_context)] if g.use_nope else []) for _ in range(arch["num_hidden_layers"])]
+               + ([zeros(max_context, kv_dtype)] if g.use_nope else []) for _ in range(arch["num_hidden_layers"])]
     config = Sparse(enabled=1, kernel_size=g.kernel_size, kernel_stride=g.kernel_stride, block_size=g.block_size,
                     init_blocks=g.init_blocks, local_blocks=g.local_blocks, topk=g.topk, dense_len=g.dense_len,
                     use_nope=int(g.use_nope), exact_lse=0)
     return config, buffers
 
 
-def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[], Sequence[int]], threads: int, *,
+def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[type], Sequence[int]], threads: int, *,
                    only_if_faster: bool = False, sparse: SparseAttentionConfig | None = None,
-                   exact: frozenset[str] = EXACT_DEFAULT) -> NativeDecoder:
-    """kv_pointers() gives the runtime's [1, kv_heads, max_context, head_dim] fp32 buffers, key then value per
-    layer (asked once the bundle passed the checks). `only_if_faster`: also refuse bundles the kernels
+                   exact: frozenset[str] = EXACT_DEFAULT, kv_cache: str = "float32") -> NativeDecoder:
+    """kv_pointers(dtype) gives the runtime's [1, kv_heads, max_context, head_dim] buffers of that dtype, key then
+    value per layer (asked once the bundle passed the checks). `only_if_faster`: also refuse bundles the kernels
     implement but decode slower than onnxruntime. `sparse`: run InfLLM v2 sparse attention (infllmv2.c) with this
     config (dense below its dense_len). `exact`: the LINEAR_ROLES whose quantized linears take exact (float)
-    activations; the others quantize theirs to int8."""
+    activations; the others quantize theirs to int8. `kv_cache` (runtimes.kv.KV_CACHES): what the cache stores."""
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"unknown KV cache {kv_cache!r} (choose from {', '.join(KV_CACHES)})")
     if unknown := sorted(set(exact) - EXACT_ALL):
         raise ValueError(f"unknown linear roles {unknown} (choose from {', '.join(LINEAR_ROLES)})")
     _check(manifest)
@@ -415,14 +420,10 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[
         raise KernelsUnavailable(f"{float_activations[0]} computes with float activations (accuracy level 0; "
                                  "--kernels native-exact runs it)")
     h, vocab, tied = arch["hidden_size"], arch["vocab_size"], arch["tie_word_embeddings"]
-    layers = DECODER_FAMILY[arch["architecture"]](weights, arch, kv_pointers())
+    layers = DECODER_FAMILY[arch["architecture"]](weights, arch)
     for layer in layers:
         for role in exact - {"head"}:
             getattr(layer, role).exact = 1
-    sparse_config, sparse_buffers = sparse_state(arch, manifest.max_context, sparse)
-    for layer, buffers in zip(layers, sparse_buffers):
-        layer.kc1, layer.kc2 = buffers[0].ctypes.data, buffers[1].ctypes.data
-        layer.k_nope = buffers[2].ctypes.data if len(buffers) > 2 else None
     if f"{TABLE}.block_offsets" in weights:
         raise KernelsUnavailable("an embedding table with float zero points")
     before_table = weights.streamed_bytes
@@ -442,7 +443,16 @@ def native_decoder(bundle_dir: Path, manifest: Manifest, kv_pointers: Callable[[
         embedding_scale=arch["scale_emb"] if tied else 1.0,  # an untied table has scale_emb folded in
         rope_cos=weights.pointer("rope_cos", np.float32), rope_sin=weights.pointer("rope_sin", np.float32),
         table=table, head=head, final_norm=weights.pointer("final_norm", np.float32),
-        layer=ctypes.cast(layers, ctypes.POINTER(Layer)), sparse=sparse_config)
+        layer=ctypes.cast(layers, ctypes.POINTER(Layer)))
+    kv_dtype = np.dtype(kv_cache).type
+    model.kv_half = int(kv_dtype == np.float16)
+    model.sparse, sparse_buffers = sparse_state(arch, manifest.max_context, sparse, kv_dtype)
+    kv = kv_pointers(kv_dtype)
+    for i, layer in enumerate(layers):
+        layer.k_cache, layer.v_cache = kv[2 * i], kv[2 * i + 1]
+        if sparse_buffers:
+            layer.kc1, layer.kc2 = sparse_buffers[i][0].ctypes.data, sparse_buffers[i][1].ctypes.data
+            layer.k_nope = sparse_buffers[i][2].ctypes.data if len(sparse_buffers[i]) > 2 else None
     if weights.keep:
         weights.release_pages()
     decoder = NativeDecoder(library, model, weights, [layers, sparse_buffers])

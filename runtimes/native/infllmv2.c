@@ -32,30 +32,33 @@ static int sparse_call(const ec_model *m, int length) {
     return m->sparse.enabled && (m->sparse.dense_len < 0 || length >= m->sparse.dense_len);
 }
 
-static const float *selection_keys(const ec_model *m, const ec_layer *l) { return m->sparse.use_nope ? l->k_nope : l->k_cache; }
+static void *selection_keys(const ec_model *m, const ec_layer *l) { return m->sparse.use_nope ? l->k_nope : l->k_cache; }
 
-/* Emits head g's kernels of one level completed by the tokens [from, length): means over the cached keys. */
-static void compress_level(const ec_model *m, const float *keys, float *out, int max, int size, int stride, int from,
-                           int length) {
+/* Emits head g's kernels of one level completed by the tokens [from, length): means over the cached keys (`row`: one
+ * key as floats, for a half cache). */
+static void compress_level(const ec_model *m, const ec_layer *l, int g, float *out, int max, int size, int stride,
+                           int from, int length, float *row) {
     const int d = m->head_dim;
     for (int j = kernel_count(from, size, stride); j < kernel_count(length, size, stride) && j < max; j++) {
         float *kc = out + (size_t)j * d;
-        const float *first = keys + (size_t)j * stride * d;
-        memcpy(kc, first, sizeof(float) * d);
-        for (int o = 1; o < size; o++)
-            for (int i = 0; i < d; i++) kc[i] += first[(size_t)o * d + i];
+        memcpy(kc, rows_as_floats(cache_row(m, selection_keys(m, l), g, j * stride), m->kv_half, 1, d, row),
+               sizeof(float) * d);
+        for (int o = 1; o < size; o++) {
+            const float *key = rows_as_floats(cache_row(m, selection_keys(m, l), g, j * stride + o), m->kv_half, 1, d, row);
+            for (int i = 0; i < d; i++) kc[i] += key[i];
+        }
         for (int i = 0; i < d; i++) kc[i] /= (float)size;
     }
 }
 
-static void compress_head(const ec_model *m, const ec_layer *l, int g, int from, int length) {
+static void compress_head(const ec_model *m, const ec_layer *l, int g, int from, int length, float *row) {
     const ec_sparse *sp = &m->sparse;
-    const float *keys = selection_keys(m, l) + (size_t)g * m->max_context * m->head_dim;
     const int max1 = max_kernels(m, sp->kernel_size, sp->kernel_stride);
     const int max2 = max_kernels(m, 4 * sp->kernel_size, 4 * sp->kernel_stride);
-    compress_level(m, keys, l->kc1 + (size_t)g * max1 * m->head_dim, max1, sp->kernel_size, sp->kernel_stride, from, length);
-    compress_level(m, keys, l->kc2 + (size_t)g * max2 * m->head_dim, max2, 4 * sp->kernel_size, 4 * sp->kernel_stride, from,
-                   length);
+    compress_level(m, l, g, l->kc1 + (size_t)g * max1 * m->head_dim, max1, sp->kernel_size, sp->kernel_stride, from,
+                   length, row);
+    compress_level(m, l, g, l->kc2 + (size_t)g * max2 * m->head_dim, max2, 4 * sp->kernel_size, 4 * sp->kernel_stride,
+                   from, length, row);
 }
 
 static float log_sum_exp(float *scores, int count) {
@@ -107,8 +110,8 @@ static int select_blocks(const ec_model *m, const ec_layer *l, int g, int positi
     for (int j = 0; j < n1; j++) shared[j] = 0.f;
     if (n1) {
         group_queries(m, g, position, qkv, !sp->use_nope, queries);
-        group_key_scores(m, queries, l->kc1 + (size_t)g * max1 * d, n1, logits, max1);
-        if (!exact) group_key_scores(m, queries, l->kc2 + (size_t)g * max2 * d, n2, coarse, max2);
+        group_key_scores(m, queries, l->kc1 + (size_t)g * max1 * d, 0, n1, logits, max1, NULL);
+        if (!exact) group_key_scores(m, queries, l->kc2 + (size_t)g * max2 * d, 0, n2, coarse, max2, NULL);
     }
     for (int h = 0; n1 && h < group; h++) {
         float *row = logits + (size_t)h * max1, *normalizer = coarse + (size_t)h * max2;
@@ -173,7 +176,6 @@ static void sparse_attend_range(const ec_model *m, const ec_layer *l, int g, int
                                 const int32_t *blocks, int count, int covered) {
     const int d = m->head_dim, group = m->heads / m->kv_heads;
     const int begin = (int)((long)covered * split / splits), end = (int)((long)covered * (split + 1) / splits);
-    const float *keys = l->k_cache + (size_t)g * m->max_context * d, *values = l->v_cache + (size_t)g * m->max_context * d;
     const size_t stride = end - begin;
     float *out = at->values + ((size_t)split * m->heads + g * group) * d;
     group_queries(m, g, position, qkv, 1, scratch->queries);
@@ -185,11 +187,11 @@ static void sparse_attend_range(const ec_model *m, const ec_layer *l, int g, int
             const int first = selected_run(m, blocks, count, position, &i, &last), run = last - first;
             const int lo = begin > seen ? begin - seen : 0, hi = end - seen < run ? end - seen : run;
             if (hi > lo && pass == 0)
-                group_key_scores(m, scratch->queries, keys + (size_t)(first + lo) * d, hi - lo, scratch->scores + filled,
-                                 stride);
+                group_key_scores(m, scratch->queries, cache_row(m, l->k_cache, g, first + lo), m->kv_half, hi - lo,
+                                 scratch->scores + filled, stride, scratch->rows);
             if (hi > lo && pass == 1)
-                group_weighted_values(m, scratch->scores + filled, stride, values + (size_t)(first + lo) * d, hi - lo,
-                                      out);
+                group_weighted_values(m, scratch->scores + filled, stride, cache_row(m, l->v_cache, g, first + lo), hi - lo,
+                                      out, scratch->rows);
             filled += hi > lo ? hi - lo : 0;
             seen += run;
         }
@@ -223,7 +225,7 @@ static void sparse_attention(const ec_model *m, const ec_layer *l, ec_sparse_sta
     float *stage1 = ss->scratch + (size_t)thread * ss->scratch_floats;
     int32_t *order = ss->order + (size_t)thread * ss->num_blocks;
 #pragma omp for schedule(static)
-    for (int g = 0; g < m->kv_heads; g++) compress_head(m, l, g, from, first + n);
+    for (int g = 0; g < m->kv_heads; g++) compress_head(m, l, g, from, first + n, scratch->rows);
 #pragma omp for schedule(dynamic, 1)
     for (int item = 0; item < n * m->kv_heads; item++) {
         const int t = item / m->kv_heads, g = item % m->kv_heads;
