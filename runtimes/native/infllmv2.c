@@ -62,8 +62,7 @@ static void compress_head(const ec_model *m, const ec_layer *l, int g, int from,
 }
 
 static float log_sum_exp(float *scores, int count) {
-    float top = -INFINITY;
-    for (int j = 0; j < count; j++) top = scores[j] > top ? scores[j] : top;
+    const float top = row_max(scores, count);
     return top + logf(exp_shifted(scores, count, top));
 }
 
@@ -176,7 +175,7 @@ static void sparse_attend_range(const ec_model *m, const ec_layer *l, int g, int
                                 const int32_t *blocks, int count, int covered) {
     const int d = m->head_dim, group = m->heads / m->kv_heads;
     const int begin = (int)((long)covered * split / splits), end = (int)((long)covered * (split + 1) / splits);
-    const size_t stride = end - begin;
+    const size_t stride = score_stride(end - begin);
     float *out = at->values + ((size_t)split * m->heads + g * group) * d;
     group_queries(m, g, position, qkv, 1, scratch->queries);
     /* scores over the runs inside [begin, end) of the selected sequence, then values in the same runs */

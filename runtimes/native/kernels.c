@@ -1402,6 +1402,26 @@ static void key_scores(const float *q, const float *keys, int count, int d, floa
 #endif
 }
 
+/* The largest of x[0..n): a max is exact in any order, so lanes give what a scalar scan gives (a serial scan is a
+ * chain of dependent compares, four cycles a score). */
+static float row_max(const float *x, int n) {
+    float top = -INFINITY;
+    int t = 0;
+#ifdef EC_AVX2
+    __m256 lanes = _mm256_set1_ps(-INFINITY);
+    for (; t + 8 <= n; t += 8) lanes = _mm256_max_ps(lanes, _mm256_loadu_ps(x + t));
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps(lanes, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    top = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+#elif defined(EC_NEON)
+    float32x4_t lanes = vdupq_n_f32(-INFINITY);
+    for (; t + 4 <= n; t += 4) lanes = vmaxq_f32(lanes, vld1q_f32(x + t));
+    top = vmaxvq_f32(lanes);
+#endif
+    for (; t < n; t++) top = x[t] > top ? x[t] : top;
+    return top;
+}
+
 /* scores[t] = exp(scores[t] - top); returns their sum */
 static float exp_shifted(float *scores, int count, float top) {
     float total = 0.f;
@@ -1470,6 +1490,64 @@ static void weighted_values(const float *p, const float *values, int count, int 
         for (int j = i; j < d; j++) out[j] = fmaf(p[t], values[(size_t)t * d + j], out[j]);
 #endif
 }
+
+#ifdef EC_AVX2
+/* key_scores for two query heads at once: each key row is loaded once for both (four rows by two heads fill the eight
+ * accumulators), and every sum is reduced as key_scores reduces it, so the scores are key_scores' bit for bit. */
+static void key_scores_pair(const float *q0, const float *q1, const float *keys, int count, int d, float scale,
+                            float *s0, float *s1) {
+    const int whole = count / 8 * 8; /* the rows key_scores vectorises: whole groups of eight; the rest are its tail */
+    for (int t = 0; t < whole; t += 4) {
+        __m256 acc[8]; /* head 0's rows t..t+3, then head 1's */
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int i = 0; i < d; i += 8) {
+            const __m256 a = _mm256_loadu_ps(q0 + i), b = _mm256_loadu_ps(q1 + i);
+            for (int j = 0; j < 4; j++) {
+                const __m256 k = _mm256_loadu_ps(keys + (size_t)(t + j) * d + i);
+                acc[j] = _mm256_fmadd_ps(a, k, acc[j]);
+                acc[4 + j] = _mm256_fmadd_ps(b, k, acc[4 + j]);
+            }
+        }
+        const __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
+        const __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);
+        const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+        const __m256 sums = _mm256_mul_ps(_mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                                        _mm256_permute2f128_ps(s0123, s4567, 0x31)),
+                                          _mm256_set1_ps(scale));
+        _mm_storeu_ps(s0 + t, _mm256_castps256_ps128(sums));
+        _mm_storeu_ps(s1 + t, _mm256_extractf128_ps(sums, 1));
+    }
+    if (whole < count) {
+        key_scores(q0, keys + (size_t)whole * d, count - whole, d, scale, s0 + whole);
+        key_scores(q1, keys + (size_t)whole * d, count - whole, d, scale, s1 + whole);
+    }
+}
+
+/* weighted_values for two heads' weights over the same values, each value row loaded once for both; every lane sums
+ * its positions in order as weighted_values does, so the results are its own bit for bit. */
+static void weighted_values_pair(const float *p0, const float *p1, const float *values, int count, int d, float *out0,
+                                 float *out1) {
+    if (d % 32) {
+        weighted_values(p0, values, count, d, out0);
+        weighted_values(p1, values, count, d, out1);
+        return;
+    }
+    for (int i = 0; i < d; i += 32) {
+        __m256 a[4], b[4];
+        for (int j = 0; j < 4; j++) a[j] = _mm256_loadu_ps(out0 + i + 8 * j), b[j] = _mm256_loadu_ps(out1 + i + 8 * j);
+        for (int t = 0; t < count; t++) {
+            const float *v = values + (size_t)t * d + i;
+            const __m256 w0 = _mm256_set1_ps(p0[t]), w1 = _mm256_set1_ps(p1[t]);
+            for (int j = 0; j < 4; j++) {
+                const __m256 x = _mm256_loadu_ps(v + 8 * j);
+                a[j] = _mm256_fmadd_ps(w0, x, a[j]);
+                b[j] = _mm256_fmadd_ps(w1, x, b[j]);
+            }
+        }
+        for (int j = 0; j < 4; j++) _mm256_storeu_ps(out0 + i + 8 * j, a[j]), _mm256_storeu_ps(out1 + i + 8 * j, b[j]);
+    }
+}
+#endif
 
 /* ---- the KV cache: fp32 or IEEE half (binary16) rows ---------------------------------------------------------- */
 
@@ -1586,8 +1664,9 @@ static ec_attention token_attention(const ec_model *m, const ec_attention *at, i
     return (ec_attention){at->values + slots * m->head_dim, at->top + slots, at->total + slots};
 }
 
-/* A thread's attention scratch: `scores` [group, max_context], a row per query head of one KV group, `queries`
- * [group, head_dim], their rotated queries, and `rows` [EC_KV_CHUNK, head_dim], a chunk of a half cache as floats. */
+/* A thread's attention scratch: `scores` [group, score_stride(max_context)], a row per query head of one KV group,
+ * `queries` [group, head_dim], their rotated queries, and `rows` [EC_KV_CHUNK, head_dim], a chunk of a half cache as
+ * floats. */
 typedef struct {
     float *scores, *queries, *rows;
 } ec_attend_scratch;
@@ -1599,6 +1678,11 @@ typedef struct {
  * key_scores groups rows by eight from a call's start, so every score and every sum comes out as one call over the
  * whole range gives. */
 #define EC_KV_CHUNK 64
+
+/* The stride of the group's score rows for `count` positions: one cache line past it, so that rows of a power of two
+ * (a history split in halves) do not all fall on the same L1 sets and alias one another's stores. */
+#define EC_SCORE_PAD 16
+static size_t score_stride(int count) { return (size_t)count + EC_SCORE_PAD; }
 
 /* queries [group, d] = the group's query heads from the qkv row, rotated to `position` where `rotated` */
 static void group_queries(const ec_model *m, int g, int position, const float *qkv, int rotated, float *queries) {
@@ -1617,7 +1701,13 @@ static void group_key_scores(const ec_model *m, const float *queries, const void
     for (int c = 0; c < count; c += EC_KV_CHUNK) {
         const int n = count - c < EC_KV_CHUNK ? count - c : EC_KV_CHUNK;
         const float *rows = rows_as_floats((const char *)keys + (size_t)c * d * (half ? 2 : 4), half, n, d, buffer);
-        for (int h = 0; h < group; h++)
+        int h = 0;
+#ifdef EC_AVX2
+        for (; h + 2 <= group; h += 2)
+            key_scores_pair(queries + (size_t)h * d, queries + (size_t)(h + 1) * d, rows, n, d, m->attention_scale,
+                            scores + h * stride + c, scores + (h + 1) * stride + c);
+#endif
+        for (; h < group; h++)
             key_scores(queries + (size_t)h * d, rows, n, d, m->attention_scale, scores + h * stride + c);
     }
 }
@@ -1631,7 +1721,13 @@ static void group_weighted_values(const ec_model *m, const float *p, size_t stri
         const int n = count - c < EC_KV_CHUNK ? count - c : EC_KV_CHUNK;
         const float *rows = rows_as_floats((const char *)values + (size_t)c * d * (m->kv_half ? 2 : 4), m->kv_half, n, d,
                                            buffer);
-        for (int h = 0; h < group; h++) weighted_values(p + h * stride + c, rows, n, d, out + (size_t)h * d);
+        int h = 0;
+#ifdef EC_AVX2
+        for (; h + 2 <= group; h += 2)
+            weighted_values_pair(p + h * stride + c, p + (h + 1) * stride + c, rows, n, d, out + (size_t)h * d,
+                                 out + (size_t)(h + 1) * d);
+#endif
+        for (; h < group; h++) weighted_values(p + h * stride + c, rows, n, d, out + (size_t)h * d);
     }
 }
 
@@ -1641,8 +1737,8 @@ static void group_softmax(const ec_model *m, int g, int split, float *scores, si
                           const ec_attention *at) {
     const int group = m->heads / m->kv_heads;
     for (int h = 0; h < group; h++) {
-        float *row = scores + h * stride, top = -INFINITY;
-        for (int t = 0; t < count; t++) top = row[t] > top ? row[t] : top;
+        float *row = scores + h * stride;
+        const float top = row_max(row, count);
         const size_t slot = (size_t)split * m->heads + g * group + h;
         at->top[slot] = top;
         at->total[slot] = count ? exp_shifted(row, count, top) : 0.f;
@@ -1658,11 +1754,12 @@ static void attend_range(const ec_model *m, const ec_layer *l, int g, int split,
     if (store && end == length) store_kv(m, l, g, position, qkv);
     float *out = at->values + ((size_t)split * m->heads + g * group) * d;
     group_queries(m, g, position, qkv, 1, scratch->queries);
+    const size_t stride = score_stride(end - begin);
     group_key_scores(m, scratch->queries, cache_row(m, l->k_cache, g, begin), m->kv_half, end - begin, scratch->scores,
-                     end - begin, scratch->rows);
-    group_softmax(m, g, split, scratch->scores, end - begin, end - begin, at);
+                     stride, scratch->rows);
+    group_softmax(m, g, split, scratch->scores, stride, end - begin, at);
     memset(out, 0, sizeof(float) * group * d);
-    group_weighted_values(m, scratch->scores, end - begin, cache_row(m, l->v_cache, g, begin), end - begin, out,
+    group_weighted_values(m, scratch->scores, stride, cache_row(m, l->v_cache, g, begin), end - begin, out,
                           scratch->rows);
 }
 
@@ -1777,7 +1874,7 @@ ec_state *ec_state_new(const ec_model *m) {
         ec_thread *own = &st->thread[t];
         own->residual = malloc(sizeof(float) * EC_TILE * m->hidden);
         own->normed = malloc(sizeof(float) * EC_TILE * wide);
-        own->attend.scores = malloc(sizeof(float) * (m->heads / m->kv_heads) * m->max_context);
+        own->attend.scores = malloc(sizeof(float) * (m->heads / m->kv_heads) * score_stride(m->max_context));
         own->attend.queries = malloc(sizeof(float) * m->heads * m->head_dim);
         own->attend.rows = malloc(sizeof(float) * EC_KV_CHUNK * m->head_dim);
         own->s.gathered = malloc(sizeof(float) * wide);
