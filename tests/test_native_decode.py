@@ -9,6 +9,7 @@ logit range, and greedy tokens match.
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ from edgecpm.errors import BundleError, GenerationError
 from edgecpm.export import export_checkpoint
 from edgecpm.quant.plan import QuantizationWarning
 from edgecpm.quant.spec import QuantSpec
+from edgecpm.runtimes.native import build as native_build
 from edgecpm.runtimes.native import load_library
 from edgecpm.runtimes.native import decoder as native_decoder_module
 from edgecpm.runtimes.native.decoder import OFFSETS_FLOAT, OFFSETS_ZERO_POINTS, SCALES_FP16, SCALES_PER_ROW
@@ -412,3 +414,18 @@ def test_bundles_the_kernels_do_not_implement_decode_with_onnxruntime(workdir):
     # act-order GPTQ: q/k/v keep their own channel orders, so they stay separate MatMuls in the graph
     with pytest.raises(BundleError, match="separate MatMuls"):
         load_backend(gptq_bundle(workdir, False, act_order=True), kernels="native")
+
+
+@needs_kernels
+@pytest.mark.skipif(platform.machine().lower() not in native_build.X86_MACHINES, reason="the x86 flag sets")
+def test_a_kernels_source_that_does_not_compile_is_refused_not_built_without_vectors(tmp_path, monkeypatch):
+    """On x86 the only flag set is -march=native: -mcpu=native there is a mere -mtune that would compile a broken
+    kernels.c's error away into a build without the vector paths."""
+    source = tmp_path / "kernels.c"
+    source.write_text(native_build.SOURCE.read_text() + "\nstatic int broken(void) { return 0 }\n")  # a syntax error
+    monkeypatch.setattr(native_build, "SOURCE", source)
+    monkeypatch.setenv("EDGECPM_CACHE_DIR", str(tmp_path / "cache"))
+    shutil.copy(native_build.INCLUDED[0], tmp_path / native_build.INCLUDED[0].name)
+    with pytest.raises(native_build.KernelsUnavailable, match="could not compile kernels.c"):
+        native_build._build_and_load([])
+    assert all("-mcpu=native" not in flags for flags in native_build._flag_sets())

@@ -22,7 +22,10 @@ SOURCE = Path(__file__).with_name("kernels.c")
 INCLUDED = (Path(__file__).with_name("infllmv2.c"),)  # #included by SOURCE: part of what keys the cached build
 # The opt-in build with per-phase timers in ec_decode (`edgecpm profile`); its flags key its own cached library.
 PHASE_TIMER_FLAGS = ("-DEC_PHASE_TIMERS",)
-FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], ["-O3", "-mcpu=native", "-fopenmp", "-fno-math-errno"])  # x86 / some ARM compilers
+# Tried in order: -march=native, then -mcpu=native (what some ARM and POWER compilers take instead). Not on x86, where
+# -mcpu=native is only a deprecated -mtune: an error in kernels.c would otherwise build, silently, without the vector paths.
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], ["-O3", "-mcpu=native", "-fopenmp", "-fno-math-errno"])
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686")
 # aarch64: the NEON kernels equal the portable C's float order only where the compiler fuses nothing it is not told to.
 ARM_FLAGS = ("-ffp-contract=off",)
 # The portable C build (no vector intrinsics): the reference the vectorised paths off x86 equal bit for bit.
@@ -57,13 +60,14 @@ def _hwcaps() -> str:
 
 
 def _flag_sets() -> list[list[str]]:
-    """FLAG_SETS as this machine compiles them: with $EDGECPM_NATIVE_TARGET in place of -march/-mcpu=native (one set,
-    then), and ARM_FLAGS on aarch64."""
+    """FLAG_SETS as this machine compiles them (x86: the first alone): with $EDGECPM_NATIVE_TARGET in place of
+    -march/-mcpu=native (one set, then), and ARM_FLAGS on aarch64."""
     target = os.environ.get(TARGET_ENV, "").split()
     extra = list(ARM_FLAGS) if platform.machine().lower() in ARM_MACHINES else []
     if target:
         return [[*target, *(f for f in FLAG_SETS[0] if not f.startswith(("-march=", "-mcpu="))), *extra]]
-    return [flags + extra for flags in FLAG_SETS]
+    sets = FLAG_SETS[:1] if platform.machine().lower() in X86_MACHINES else FLAG_SETS
+    return [flags + extra for flags in sets]
 
 
 def _cpu_features() -> str:
