@@ -13,6 +13,7 @@ from tiny_models import write_hf_checkpoint
 
 # Long enough for a tool description rendered byte by byte (the tiny tokenizer has one token per byte).
 LONG_TINY_CONTEXT = 2048
+TINY_MAX_CONTEXT = 256  # the tiny models' max_position_embeddings
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +26,20 @@ def smollm2_bundle(tmp_path_factory):
                                "--max-context", "512"], capture_output=True, text=True, timeout=600)
     assert exported.returncode == 0, exported.stderr
     return bundle
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    """The tiny random MiniCPM's checkpoint and its fp32 and int8 `ort` bundles (native kernels: int8 prefills)."""
+    from edgecpm.export import export_checkpoint
+    from edgecpm.quant.spec import QuantSpec
+
+    root = tmp_path_factory.mktemp("tiny_minicpm")
+    checkpoint = write_hf_checkpoint(root / "checkpoint", ("minicpm", "untied"))
+    bundles = {scheme: export_checkpoint(checkpoint, root / scheme, flavour="ort", dtype="fp32",
+                                         max_context=TINY_MAX_CONTEXT, quant=None if scheme == "fp32" else QuantSpec(scheme))
+               for scheme in ("fp32", "int8")}
+    return {"checkpoint": checkpoint, **bundles}
 
 
 @pytest.fixture(scope="session")

@@ -15,20 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MAX_CONTEXT
+from edgecpm.runtimes import load_backend
+from test_native_decode import needs_kernels
 
 from edgecpm.arch.base import SparseAttentionConfig
 from edgecpm.checkpoint import open_checkpoint
 from edgecpm.errors import BundleError, UnsupportedError
-from edgecpm.export import export_checkpoint
 from edgecpm.models import reference_model
-from edgecpm.quant.spec import QuantSpec
-from edgecpm.runtimes import load_backend
 from edgecpm.sparse.choice import AttentionChoice, parse_overrides
-from test_native_decode import needs_kernels
-from tiny_models import write_hf_checkpoint
 
 FP32_ATOL = 2e-4
-MAX_CONTEXT = 256  # the tiny models' max_position_embeddings
+MAX_CONTEXT = TINY_MAX_CONTEXT  # the `tiny` fixture's bundles (conftest.py)
 # 16-token blocks, kernels of 8 at stride 4 (Kc2: 32 at 16), 1 init + 2 local + 3 chosen blocks
 SMALL = SparseAttentionConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=3,
                               dense_len=-1)
@@ -40,16 +38,6 @@ CONFIGS = {
 }
 RNG = np.random.default_rng(3)
 PROMPT = RNG.integers(5, 260, 240)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("infllmv2_native")
-    checkpoint = write_hf_checkpoint(root / "checkpoint", ("minicpm", "untied"))
-    bundles = {scheme: export_checkpoint(checkpoint, root / scheme, flavour="ort", dtype="fp32", max_context=MAX_CONTEXT,
-                                         quant=None if scheme == "fp32" else QuantSpec(scheme))
-               for scheme in ("fp32", "int8")}
-    return {"checkpoint": checkpoint, **bundles}
 
 
 def backend(bundle: Path, sparse: SparseAttentionConfig | None):
@@ -110,16 +98,22 @@ def test_a_prompt_crossing_dense_len_is_sparse_as_one_call(tiny):
 @needs_kernels
 @pytest.mark.parametrize("name", ["always", "nope", "wide-kernels"])
 def test_native_sparse_prefill_equals_decoding_token_by_token(tiny, name):
-    sparse = CONFIGS[name]
-    whole = backend(tiny["int8"], sparse)
+    assert_prompt_equals_steps(lambda: backend(tiny["int8"], CONFIGS[name]))
+
+
+def assert_prompt_equals_steps(make_backend, tokens: np.ndarray = PROMPT[:200]):
+    """A prompt prefilled in passes leaves the logits and KV rows that decoding it token by token does, bit for bit;
+    returns the prefilled backend."""
+    whole = make_backend()
     assert whole.prefills
-    logits = whole.prefill(PROMPT[:200])
-    stepped = backend(tiny["int8"], sparse)
-    for token in PROMPT[:200]:
+    logits = whole.prefill(tokens)
+    stepped = make_backend()
+    for token in tokens:
         step_logits = stepped.decode(int(token))
     assert np.array_equal(logits, step_logits)
     for a, b in zip(whole.kv.arrays, stepped.kv.arrays):
-        assert np.array_equal(a[..., :200, :], b[..., :200, :])
+        assert np.array_equal(a[..., :len(tokens), :].view(np.uint8), b[..., :len(tokens), :].view(np.uint8))
+    return whole
 
 
 @needs_kernels
@@ -175,7 +169,7 @@ def test_attention_choice_is_validated(tmp_path):
 @needs_kernels
 @pytest.mark.parametrize("name", ["always", "nope"])
 def test_planner_counts_the_sparse_state_the_kernels_allocate(tiny, name):
-    from edgecpm.planner import plan_memory, Storage
+    from edgecpm.planner import Storage, plan_memory
 
     config = open_checkpoint(tiny["checkpoint"]).config
     native = backend(tiny["int8"], CONFIGS[name])
