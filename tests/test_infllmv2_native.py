@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import TINY_MAX_CONTEXT
 from edgecpm.runtimes import load_backend
+from edgecpm.runtimes.native.build import PORTABLE_FLAGS, load_library
 from test_native_decode import needs_kernels
 
 from edgecpm.arch.base import SparseAttentionConfig
@@ -35,6 +36,18 @@ CONFIGS = {
     "crossing": replace(SMALL, dense_len=150),
     "nope": replace(SMALL, use_nope=True, init_blocks=2),
     "wide-kernels": replace(SMALL, kernel_size=16, kernel_stride=16, block_size=32, window_size=32, topk=2),
+    # kernels three blocks wide: no coarse kernel (96 tokens) until position 95, so the exact normalizer spans up to 9
+    # kernels where the context holds only 6 coarse ones (the row select_blocks keeps it in once overflowed)
+    "late-coarse": replace(SMALL, kernel_size=24, kernel_stride=8, block_size=8, window_size=14, topk=6, init_blocks=2),
+    # topk 0 and no window: the init blocks and the query's own block, nothing chosen
+    "forced-only": replace(SMALL, window_size=0, topk=0, init_blocks=2),
+    # one-token kernels of pre-RoPE keys: a token repeated in the prompt has, in layer 0, the same key at both places,
+    # so its kernels tie exactly wherever the score rows put them (the rows' last few too) and the lower block wins
+    "repeated-keys": replace(SMALL, kernel_size=1, kernel_stride=1, block_size=2, window_size=1, topk=2, init_blocks=0,
+                             use_nope=True),
+    # kernels of four one apart: two that hold the same tokens in another order tie as the reference's do
+    "permuted-kernels": replace(SMALL, kernel_size=4, kernel_stride=1, block_size=1, window_size=3, topk=3, init_blocks=0,
+                                use_nope=True),
 }
 RNG = np.random.default_rng(3)
 PROMPT = RNG.integers(5, 260, 240)
@@ -82,6 +95,27 @@ def test_native_sparse_matches_the_reference(tiny, name):
     if sparse.dense_len > 0:
         first_sparse = sparse.dense_len - 140  # the decode step whose total length reaches dense_len
         assert max(moved[:first_sparse]) < 1e-5 < min(moved[first_sparse:])  # the reference's dense path: float noise
+
+
+@needs_kernels
+@pytest.mark.parametrize("build", [(), PORTABLE_FLAGS], ids=["vectorised", "portable"])
+def test_equal_keys_score_equally_wherever_they_sit(build):
+    """Block selection ranks kernels by scores the attention primitives compute; equal keys must give equal bits at
+    every position of a row (whole vector groups and the last few alike), or ties break by position, not block index."""
+    library = load_library(build)
+    rng = np.random.default_rng(0)
+    d, q = 64, rng.standard_normal(64).astype(np.float32)
+    for count in range(1, 21):
+        keys = np.repeat(rng.standard_normal((1, d)).astype(np.float32), count, axis=0)
+        scores = np.empty(count, np.float32)
+        library.ec_key_scores(q.ctypes.data, keys.ctypes.data, count, d, 0.125, scores.ctypes.data)
+        assert (scores.view(np.uint32) == scores[0].view(np.uint32)).all(), count
+        assert abs(float(scores[0]) - float(q.astype(np.float64) @ keys[0] * 0.125)) < 1e-5
+        for value in np.linspace(-12.0, 0.0, 25, dtype=np.float32):
+            shifted = np.full(count, value, np.float32)
+            total = library.ec_exp_shifted(shifted.ctypes.data, count, 0.0)
+            assert (shifted.view(np.uint32) == shifted[0].view(np.uint32)).all(), (count, value)
+            assert abs(shifted[0] / np.exp(value) - 1) < 1e-6 and abs(total / (count * np.exp(value)) - 1) < 1e-5
 
 
 @needs_kernels

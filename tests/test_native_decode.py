@@ -182,6 +182,23 @@ def test_vnni_and_512_bit_kernels_are_avx2s_bit_for_bit(workdir, monkeypatch):
 
 
 @needs_kernels
+def test_a_float_linear_row_depends_on_its_input_alone(tiny):
+    """Float linears split k over the threads; each thread always sums the same chunks, so the same input gives the
+    same bits at every step (layer 0's value rows of a repeated token here). Summed in whichever order the threads
+    happened to take the chunks, they did not, and identical compressed keys that tie exactly in the InfLLM v2
+    reference's block selection came out in either order."""
+    backend = load_backend(tiny["fp32"], kernels="native", threads=2)
+    tokens = [7, 9] * 40
+    for token in tokens:
+        backend.decode(token)
+    (values,) = [array for tensor, array in zip(backend.kv.tensors, backend.kv.arrays)
+                 if tensor["layer"] == 0 and tensor["kind"] == "value"]
+    rows = values[0, :, :len(tokens), :].view(np.uint32)
+    for first in (0, 1):  # every position of a token holds its first position's row, bit for bit
+        assert (rows[:, first::2, :] == rows[:, first:first + 1, :]).all()
+
+
+@needs_kernels
 @pytest.mark.parametrize("threads", [2, 4])
 def test_long_context_attention_is_split_and_merged_exactly(workdir, threads):
     """Past 32 positions per range the kernels split each KV group's positions over work items (2 and 4

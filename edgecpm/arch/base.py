@@ -38,8 +38,9 @@ class SparseAttentionConfig:
             kernel_stride=fields.int("kernel_stride", defaults.kernel_stride),
             init_blocks=fields.int("init_blocks", defaults.init_blocks, minimum=0),
             block_size=fields.int("block_size", defaults.block_size),
-            window_size=fields.int("window_size", defaults.window_size),
-            topk=fields.int("topk", defaults.topk),
+            # 0 is meaningful for both: no local blocks but the query's own, and only the forced blocks
+            window_size=fields.int("window_size", defaults.window_size, minimum=0),
+            topk=fields.int("topk", defaults.topk, minimum=0),
             use_nope=fields.bool("use_nope", defaults.use_nope),
             dense_len=fields.int("dense_len", defaults.dense_len, minimum=-1),
         )

@@ -121,14 +121,16 @@ def uses_sparse(config: Any, total_length: int) -> bool:
 
 
 def _window_means(keys: np.ndarray, starts: np.ndarray, size: int) -> np.ndarray:
-    """Means of keys[..., s : s + size, :] for each start s, summed token by token in order (so any two calls
-    over the same tokens agree bit for bit, whatever the surrounding layout)."""
+    """Means of keys[..., s : s + size, :] for each start s, summed token by token in float64 and rounded once to the
+    keys' dtype. A float64 sum of float32 (or half) keys is exact unless their magnitudes span some 2^24, so kernels
+    over the same keys in another order (a repeated token) are equal and tie in the selection, as they do in the
+    native kernels, which sum in double too."""
     if len(starts) == 0:
         return np.zeros(keys.shape[:-2] + (0, keys.shape[-1]), dtype=keys.dtype)
-    acc = keys[..., starts, :].copy()
+    acc = keys[..., starts, :].astype(np.float64)
     for offset in range(1, size):
         acc = acc + keys[..., starts + offset, :]
-    return acc / np.asarray(size, dtype=keys.dtype)
+    return (acc / size).astype(keys.dtype)
 
 
 def compress_keys(keys: np.ndarray, size: int, stride: int) -> np.ndarray:
@@ -291,6 +293,14 @@ def dense_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos
     return out.reshape(nh, new, -1)
 
 
+def _scores(q: np.ndarray, keys: np.ndarray, scale: float) -> np.ndarray:
+    """Stage-1 logits q [nkv, g, T, d] . keys [nkv, j, d] * scale, in float64 rounded to q's dtype: a matrix product's
+    float32 sums depend on where a row falls in its blocking, so equal compressed keys (a repeated token) could score
+    an ulp apart and break a tie the selection rule settles by block index; rounded from float64 they score equally."""
+    wide = np.einsum("kgtd,kjd->kgtj", q.astype(np.float64), keys.astype(np.float64)) * scale
+    return wide.astype(np.result_type(q.dtype, keys.dtype), copy=False)
+
+
 def _block_scores(q_sel: np.ndarray, state: CompressedKeys, positions: np.ndarray, num_blocks: int,
                   exact_lse: bool, dtype: np.dtype) -> np.ndarray:
     """Stage 1 + pooling: q_sel [nkv, g, T, d] -> pooled block scores [nkv, T, num_blocks] (-inf: no visible kernel)."""
@@ -300,11 +310,11 @@ def _block_scores(q_sel: np.ndarray, state: CompressedKeys, positions: np.ndarra
     kc1, kc2 = state.kc1.astype(dtype, copy=False), state.kc2.astype(dtype, copy=False)
     n1, n2 = kc1.shape[1], kc2.shape[1]
     visible1 = (np.arange(n1) * g.kernel_stride + g.kernel_size - 1)[None, :] <= positions[:, None]  # [T, n1]
-    logits1 = np.where(visible1, np.einsum("kgtd,kjd->kgtj", q_sel, kc1) * scale, -np.inf)
+    logits1 = np.where(visible1, _scores(q_sel, kc1, scale), -np.inf)
     lse = _logsumexp(logits1)  # [nkv, g, T]
     if not exact_lse:
         visible2 = (np.arange(n2) * g.kernel_stride2 + g.kernel_size2 - 1)[None, :] <= positions[:, None]
-        logits2 = np.where(visible2, np.einsum("kgtd,kmd->kgtm", q_sel, kc2) * scale, -np.inf)
+        logits2 = np.where(visible2, _scores(q_sel, kc2, scale), -np.inf)
         lse = np.where(visible2.any(axis=-1), _logsumexp(logits2), lse)  # no coarse kernel yet: exact LSE
     shift = np.where(np.isfinite(lse), lse, 0)
     probs = np.exp(logits1 - shift[..., None])  # exp(-inf) = 0 for kernels t cannot see

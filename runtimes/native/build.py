@@ -135,6 +135,11 @@ def _build_and_load(extra_flags: list[str]) -> ctypes.CDLL:
         for name in ("ec_floats_to_halves", "ec_halves_to_floats"):
             getattr(library, name).restype = None
             getattr(library, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        library.ec_key_scores.restype = None
+        library.ec_key_scores.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                                          ctypes.c_void_p]
+        library.ec_exp_shifted.restype = ctypes.c_float
+        library.ec_exp_shifted.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_float]
         library.ec_can_prefill.restype = ctypes.c_int
         library.ec_can_prefill.argtypes = [ctypes.c_void_p]
         library.ec_vectorised.restype = ctypes.c_int

@@ -35,19 +35,20 @@ static int sparse_call(const ec_model *m, int length) {
 static void *selection_keys(const ec_model *m, const ec_layer *l) { return m->sparse.use_nope ? l->k_nope : l->k_cache; }
 
 /* Emits head g's kernels of one level completed by the tokens [from, length): means over the cached keys (`row`: one
- * key as floats, for a half cache). */
+ * key as floats, for a half cache), summed in double and rounded once, as the reference does: exact, so a kernel over
+ * the same keys in another order is the same kernel and ties where the reference's does. */
 static void compress_level(const ec_model *m, const ec_layer *l, int g, float *out, int max, int size, int stride,
                            int from, int length, float *row) {
     const int d = m->head_dim;
+    double sum[512]; /* MAX_HEAD_DIM */
     for (int j = kernel_count(from, size, stride); j < kernel_count(length, size, stride) && j < max; j++) {
-        float *kc = out + (size_t)j * d;
-        memcpy(kc, rows_as_floats(cache_row(m, selection_keys(m, l), g, j * stride), m->kv_half, 1, d, row),
-               sizeof(float) * d);
-        for (int o = 1; o < size; o++) {
+        for (int i = 0; i < d; i++) sum[i] = 0.0;
+        for (int o = 0; o < size; o++) {
             const float *key = rows_as_floats(cache_row(m, selection_keys(m, l), g, j * stride + o), m->kv_half, 1, d, row);
-            for (int i = 0; i < d; i++) kc[i] += key[i];
+            for (int i = 0; i < d; i++) sum[i] += key[i];
         }
-        for (int i = 0; i < d; i++) kc[i] /= (float)size;
+        float *kc = out + (size_t)j * d;
+        for (int i = 0; i < d; i++) kc[i] = (float)(sum[i] / size);
     }
 }
 
@@ -102,18 +103,19 @@ static int select_blocks(const ec_model *m, const ec_layer *l, int g, int positi
     const int max1 = max_kernels(m, sp->kernel_size, sp->kernel_stride);
     const int max2 = max_kernels(m, 4 * sp->kernel_size, 4 * sp->kernel_stride);
     const int q_block = position / sp->block_size, ratio = sp->block_size / sp->kernel_stride;
-    /* per query head a row of stage-1 logits [max1] and of coarse logits [max2]; then the group's sum and the pool */
-    float *logits = scratch, *coarse = logits + (size_t)group * max1, *shared = coarse + (size_t)group * max2;
+    /* per query head a row of stage-1 logits and one for its normalizer: the coarse logits, or (exact) a copy of the
+     * stage-1 row, so max1 floats each (never fewer fine kernels than coarse); then the group's sum and the pool */
+    float *logits = scratch, *coarse = logits + (size_t)group * max1, *shared = coarse + (size_t)group * max1;
     float *pooled = shared + max1;
     const int exact = sp->exact_lse || n2 == 0; /* no coarse kernel visible yet: the exact normalizer */
     for (int j = 0; j < n1; j++) shared[j] = 0.f;
     if (n1) {
         group_queries(m, g, position, qkv, !sp->use_nope, queries);
         group_key_scores(m, queries, l->kc1 + (size_t)g * max1 * d, 0, n1, logits, max1, NULL);
-        if (!exact) group_key_scores(m, queries, l->kc2 + (size_t)g * max2 * d, 0, n2, coarse, max2, NULL);
+        if (!exact) group_key_scores(m, queries, l->kc2 + (size_t)g * max2 * d, 0, n2, coarse, max1, NULL);
     }
     for (int h = 0; n1 && h < group; h++) {
-        float *row = logits + (size_t)h * max1, *normalizer = coarse + (size_t)h * max2;
+        float *row = logits + (size_t)h * max1, *normalizer = coarse + (size_t)h * max1;
         if (exact) memcpy(normalizer, row, sizeof(float) * n1);
         exp_shifted(row, n1, log_sum_exp(normalizer, exact ? n1 : n2));
         for (int j = 0; j < n1; j++) shared[j] += row[j];
@@ -268,8 +270,7 @@ static ec_sparse_state *sparse_state_new(const ec_model *m) {
     const ec_sparse *sp = &m->sparse;
     ss->num_blocks = (m->max_context + sp->block_size - 1) / sp->block_size;
     const size_t group = m->heads / m->kv_heads; /* select_blocks' layout */
-    ss->scratch_floats = (group + 1) * max_kernels(m, sp->kernel_size, sp->kernel_stride) +
-                         group * max_kernels(m, 4 * sp->kernel_size, 4 * sp->kernel_stride) + ss->num_blocks + 16;
+    ss->scratch_floats = (2 * group + 1) * max_kernels(m, sp->kernel_size, sp->kernel_stride) + ss->num_blocks + 16;
     ss->blocks = malloc(sizeof(int32_t) * EC_TILE * m->kv_heads * ss->num_blocks);
     ss->counts = malloc(sizeof(int32_t) * EC_TILE * m->kv_heads);
     ss->tokens = malloc(sizeof(int32_t) * EC_TILE * m->kv_heads);

@@ -1242,13 +1242,11 @@ static void prepare_input(const ec_linear *w, const float *x, ec_scratch *s) {
     if (w->dense_nk) return;
     memset(s->partial, 0, sizeof(float) * w->n);
     const int chunk = row_chunk(w->k, omp_get_num_threads()), chunks = (w->k + chunk - 1) / chunk;
-#ifdef EC_AVX2
-#pragma omp for schedule(dynamic, 1)
-#else
     /* chunk c always to thread c mod threads: which chunks a thread's partial sums hold, and so the float sums, are
-     * the same every step and on every path (with dynamic items they vary from run to run) */
+     * the same every step and on every path. With dynamic items they vary from run to run, and so would a row's
+     * result for the same input at two positions: InfLLM v2's block scores would then split ties (identical
+     * compressed keys) that the reference keeps exact. */
 #pragma omp for schedule(static, 1)
-#endif
     for (int c = 0; c < chunks; c++)
         dense_kn_rows(w, c * chunk, (c + 1) * chunk < w->k ? (c + 1) * chunk : w->k, x, s->partial);
 }
@@ -1391,11 +1389,14 @@ static void key_scores(const float *q, const float *keys, int count, int d, floa
         const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
         _mm256_storeu_ps(scores + t, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
     }
+    /* the last rows summed as a group's rows are (lane by lane, then the same tree over the lanes), so that equal
+     * keys score equally wherever they sit: InfLLM v2's selection ranks compressed keys, and must see their ties */
     for (; t < count; t++) {
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int i = 0; i < d; i++) dot += q[i] * keys[(size_t)t * d + i];
-        scores[t] = dot * scale;
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(keys + (size_t)t * d + i), acc);
+        float l[8];
+        _mm256_storeu_ps(l, acc);
+        scores[t] = (((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))) * scale;
     }
 #else
     for (; t < count; t++) scores[t] = dot_lanes(q, keys + (size_t)t * d, d) * scale;
@@ -1434,6 +1435,12 @@ static float exp_shifted(float *scores, int count, float top) {
         sum = _mm256_add_ps(sum, e);
     }
     total = hsum(sum);
+    if (t < count) { /* the last scores through the same exp as the rest: equal scores stay equal (see key_scores) */
+        float lanes[8];
+        for (int j = 0; j < 8; j++) lanes[j] = t + j < count ? scores[t + j] : top;
+        _mm256_storeu_ps(lanes, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(lanes), _mm256_set1_ps(top))));
+        for (int j = 0; t < count; j++, t++) total += scores[t] = lanes[j];
+    }
 #endif
     for (; t < count; t++) total += scores[t] = expf(scores[t] - top);
     return total;
@@ -1967,6 +1974,11 @@ int ec_cpu_supported(void) {
 }
 
 /* The half cache's conversions, exported so that tests hold them to an independent one (numpy's) */
+/* The attention primitives, for tests: each equal input gives an equal output wherever it sits in the row. */
+void ec_key_scores(const float *q, const float *keys, int count, int d, float scale, float *scores) {
+    key_scores(q, keys, count, d, scale, scores);
+}
+float ec_exp_shifted(float *scores, int count, float top) { return exp_shifted(scores, count, top); }
 void ec_floats_to_halves(const float *f, uint16_t *h, size_t n) { floats_to_halves(f, h, n); }
 void ec_halves_to_floats(const uint16_t *h, float *f, size_t n) { halves_to_floats(h, f, n); }
 

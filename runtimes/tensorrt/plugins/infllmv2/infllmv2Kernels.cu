@@ -54,9 +54,10 @@ __global__ void compressKernel(T const* keys, float* out, int32_t total, int32_t
                                int32_t stride) {
     int32_t const j = blockIdx.x, g = blockIdx.y;
     for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) {
-        float acc = 0.f;
+        // in double, rounded once: exact, so kernels over the same keys in another order tie, as in the reference
+        double acc = 0.0;
         for (int32_t o = 0; o < size; o++) acc += load(keys, ((size_t)g * total + (size_t)j * stride + o) * dim + i);
-        out[((size_t)g * count + j) * dim + i] = acc / (float)size;
+        out[((size_t)g * count + j) * dim + i] = static_cast<float>(acc / size);
     }
 }
 
