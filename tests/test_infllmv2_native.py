@@ -18,6 +18,7 @@ import torch
 from conftest import TINY_MAX_CONTEXT
 from edgecpm.runtimes import load_backend
 from edgecpm.runtimes.native.build import PORTABLE_FLAGS, load_library
+from test_infllmv2_reference import random_config
 from test_native_decode import needs_kernels
 
 from edgecpm.arch.base import SparseAttentionConfig
@@ -116,6 +117,17 @@ def test_equal_keys_score_equally_wherever_they_sit(build):
             total = library.ec_exp_shifted(shifted.ctypes.data, count, 0.0)
             assert (shifted.view(np.uint32) == shifted[0].view(np.uint32)).all(), (count, value)
             assert abs(shifted[0] / np.exp(value) - 1) < 1e-6 and abs(total / (count * np.exp(value)) - 1) < 1e-5
+
+
+@needs_kernels
+def test_random_sparse_configs_match_the_reference(tiny):
+    """40 random sparse_configs (test_infllmv2_reference.random_config) over random prompt lengths and decode steps."""
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        sparse = random_config(rng, strides=(1, 2, 4, 8, 16), max_dense_len=200)
+        calls = _calls(int(rng.integers(1, 180)), int(rng.integers(1, 8)))
+        expected, got = reference_logits(tiny["checkpoint"], sparse, calls), native_logits(tiny["fp32"], sparse, calls)
+        assert max(float(np.abs(e - g).max()) for e, g in zip(expected, got)) <= FP32_ATOL, (sparse, len(calls[0]))
 
 
 @needs_kernels

@@ -34,6 +34,7 @@ from edgecpm.runtimes import load_backend
 from edgecpm.sparse import dense_attention
 from edgecpm.sparse.choice import AttentionChoice
 from edgecpm.sparse.op import DOMAIN, OP_TYPE, InfLLMv2Attributes, evaluate
+from test_infllmv2_reference import random_config
 from test_native_decode import needs_kernels
 
 torch = pytest.importorskip("torch")
@@ -102,6 +103,19 @@ def test_the_lowered_op_computes_the_reference(name, heads, kv_heads):
     assert moved[16, 16] < OP_ATOL  # one block: every budget covers it, sparse is dense
     if name == "crossing":  # dense_len 100: calls of total length < 100 are dense attention, exactly the same path
         assert max(moved[t, s] for t, s in SHAPES if t < 100) < OP_ATOL
+
+
+def test_the_lowered_op_computes_the_reference_on_random_configs():
+    """80 random sparse_configs (test_infllmv2_reference.random_config), shapes, GQA ratios and prefill chunks."""
+    rng = np.random.default_rng(11)
+    for case in range(80):
+        attributes = InfLLMv2Attributes.of(random_config(rng), HEAD_DIM)
+        kv_heads = int(rng.integers(1, 3))
+        total = int(rng.integers(1, 90))
+        new = total if rng.integers(0, 2) else int(rng.integers(1, total + 1))
+        inputs = op_inputs(attributes, kv_heads * int(rng.choice([1, 2, 4, 8])), kv_heads, total, new, case)
+        got = one_op_session(attributes).run(None, inputs)[0]
+        assert np.abs(got - evaluate(attributes, **inputs)).max() <= OP_ATOL, (attributes, total, new)
 
 
 def test_op_attributes_are_checked_one_line_each():

@@ -30,6 +30,17 @@ CONFIGS = {
 }
 
 
+def random_config(rng: np.random.Generator, strides=(1, 2, 3, 4, 8), max_dense_len: int = 60) -> SparseAttentionConfig:
+    """Any valid sparse_config at tiny sizes: kernels 1-4 strides wide, blocks 1-4 strides, windows and budgets from 0,
+    dense_len -1 (always sparse), 0 or a crossing."""
+    stride = int(rng.choice(strides))
+    return SparseAttentionConfig(kernel_size=stride * int(rng.integers(1, 5)), kernel_stride=stride,
+                                 block_size=stride * int(rng.integers(1, 5)), window_size=int(rng.integers(0, 4 * stride + 3)),
+                                 topk=int(rng.integers(0, 8)), init_blocks=int(rng.integers(0, 4)),
+                                 use_nope=bool(rng.integers(0, 2)),
+                                 dense_len=int(rng.choice([-1, 0, int(rng.integers(1, max_dense_len))])))
+
+
 def _config(name: str, **changes) -> SparseAttentionConfig:
     fields = {f: getattr(CONFIGS[name], f) for f in ("kernel_size", "kernel_stride", "block_size", "window_size", "topk",
                                                       "init_blocks", "use_nope", "dense_len")}
@@ -162,6 +173,17 @@ def test_prefill_matches_transcription(name, exact_lse):
     _, idx = _check(config, nh=4, nkv=2, n=120, d=4, seed=list(CONFIGS).index(name), exact_lse=exact_lse)
     candidates = np.arange(120) // config.block_size + 1
     assert ((idx >= 0).sum(axis=-1) < candidates).any()  # some queries really are sparse
+
+
+def test_random_configs_match_transcription():
+    """300 random sparse_configs, shapes, GQA ratios, normalizers and prefill chunks (a state already holding a
+    prefix), each against the transcription."""
+    rng = np.random.default_rng(2026)
+    for case in range(300):
+        config, nkv = random_config(rng), int(rng.integers(1, 3))
+        n = int(rng.integers(1, 70))
+        _check(config, nh=nkv * int(rng.choice([1, 2, 3, 4, 8, 16])), nkv=nkv, n=n, d=int(rng.choice([4, 8, 16])),
+               seed=case, start=int(rng.integers(0, n)) if rng.integers(0, 2) else 0, exact_lse=bool(rng.integers(0, 2)))
 
 
 @pytest.mark.parametrize("ratio", [1, 2, 4, 8, 16])
