@@ -1973,12 +1973,13 @@ int ec_cpu_supported(void) {
 #endif
 }
 
-/* The half cache's conversions, exported so that tests hold them to an independent one (numpy's) */
-/* The attention primitives, for tests: each equal input gives an equal output wherever it sits in the row. */
+/* The attention primitives, exported so that tests hold each equal input to an equal output wherever it sits */
 void ec_key_scores(const float *q, const float *keys, int count, int d, float scale, float *scores) {
     key_scores(q, keys, count, d, scale, scores);
 }
 float ec_exp_shifted(float *scores, int count, float top) { return exp_shifted(scores, count, top); }
+
+/* The half cache's conversions, exported so that tests hold them to an independent one (numpy's) */
 void ec_floats_to_halves(const float *f, uint16_t *h, size_t n) { floats_to_halves(f, h, n); }
 void ec_halves_to_floats(const uint16_t *h, float *f, size_t n) { halves_to_floats(h, f, n); }
 
