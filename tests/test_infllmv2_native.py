@@ -38,7 +38,7 @@ CONFIGS = {
     "nope": replace(SMALL, use_nope=True, init_blocks=2),
     "wide-kernels": replace(SMALL, kernel_size=16, kernel_stride=16, block_size=32, window_size=32, topk=2),
     # kernels three blocks wide: no coarse kernel (96 tokens) until position 95, so the exact normalizer spans up to 9
-    # kernels where the context holds only 6 coarse ones (the row select_blocks keeps it in once overflowed)
+    # kernels where the context holds only 6 coarse ones (select_blocks' normalizer rows were once that short)
     "late-coarse": replace(SMALL, kernel_size=24, kernel_stride=8, block_size=8, window_size=14, topk=6, init_blocks=2),
     # topk 0 and no window: the init blocks and the query's own block, nothing chosen
     "forced-only": replace(SMALL, window_size=0, topk=0, init_blocks=2),
